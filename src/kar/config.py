@@ -1,0 +1,135 @@
+"""Structured-config schemas: what `conf/` may contain, with types, checked at start.
+
+The top-level schema is registered in Hydra's ConfigStore as ``kar_schema`` and is the first entry
+of ``conf/config.yaml``'s defaults, so Hydra itself rejects unknown keys and wrong types in the
+fixed groups (train, paths, logger, task). The pluggable groups (dataset, llm, encoder, adaptor,
+backbone) differ per implementation; `validate` checks each against the schema derived from the
+registered class's signature (see `kar.registry.schema_for`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+
+from kar import components  # noqa: F401  (registers every implementation)
+from kar.engine import TrainConfig
+from kar.errors import ConfigError
+from kar.registry import ADAPTORS, BACKBONES, DATASETS, ENCODERS, LLMS, validate_group
+from kar.tracking import LoggerConfig
+
+
+class Stage(str, Enum):
+    """Where a run stops; each later stage includes the earlier ones."""
+
+    data = "data"
+    generate = "generate"
+    encode = "encode"
+    train = "train"
+
+
+STAGE_ORDER = [Stage.data, Stage.generate, Stage.encode, Stage.train]
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = MISSING
+    cache_dir: str = MISSING
+    store: str = MISSING
+
+
+@dataclass
+class TaskConfig:
+    name: str = "ctr"
+    monitor: str = "auc"
+
+
+@dataclass
+class KARConfig:
+    dataset: Any = MISSING
+    llm: Any = MISSING
+    encoder: Any = MISSING
+    adaptor: Any = MISSING
+    backbone: Any = MISSING
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 42
+    stage: Stage = Stage.train
+    knowledge: str = "both"
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="kar_schema", node=KARConfig)
+
+
+# Keys each group's YAML carries for the framework itself, besides the implementation's own
+# hyperparameters: (type, default).
+_DATASET_KEYS: dict[str, tuple[Any, Any]] = {
+    "name": (str, MISSING),
+    "root": (str, MISSING),
+    "label_threshold": (int, 3),
+    "history_len": (int, 10),
+    "prefix_max": (int, 30),
+    "test_ratio": (float, 0.1),
+    "valid_ratio": (float, 0.1),
+    "split_seed": (int, 42),
+    "prompts": (dict[str, Any], MISSING),
+}
+_ENCODER_KEYS: dict[str, tuple[Any, Any]] = {
+    "name": (str, MISSING),
+    "user_text": (str, "history+answer"),
+}
+_NAMED: dict[str, tuple[Any, Any]] = {"name": (str, MISSING)}
+_BACKBONE_KEYS: dict[str, tuple[Any, Any]] = {"name": (str, MISSING), "embed_dim": (int, 32)}
+_ADAPTOR_KEYS: dict[str, tuple[Any, Any]] = {"name": (str, MISSING), "out_dim": (int, 32)}
+
+USER_TEXTS = ("history+answer", "answer")
+KNOWLEDGE_KINDS = ("both", "user", "item")
+TASKS = ("ctr",)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Type-check every pluggable group against its implementation; return the checked config.
+
+    Raises `ConfigError` naming the group, the key and the fix. Nothing is computed before this.
+    """
+    groups = {
+        "dataset": (DATASETS, _DATASET_KEYS),
+        "llm": (LLMS, _NAMED),
+        "encoder": (ENCODERS, _ENCODER_KEYS),
+        "backbone": (BACKBONES, _BACKBONE_KEYS),
+        "adaptor": (ADAPTORS, _ADAPTOR_KEYS),
+    }
+    checked = cfg.copy()
+    for group, (registry, keys) in groups.items():
+        node = cfg[group]
+        if not isinstance(node, DictConfig) or "name" not in node:
+            raise ConfigError(f"config group {group} has no `name`; pick one with {group}=<option>")
+        cls = registry.get(node.name)
+        with open_dict(checked):
+            checked[group] = validate_group(group, node, cls, keys)
+    _check_choice("encoder.user_text", checked.encoder.user_text, USER_TEXTS)
+    _check_choice("knowledge", checked.knowledge, KNOWLEDGE_KINDS)
+    _check_choice("task.name", checked.task.name, TASKS)
+    for key in ("test_ratio", "valid_ratio"):
+        value = checked.dataset[key]
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"dataset.{key}={value} must lie strictly between 0 and 1")
+    for key in ("batch_size", "max_epochs"):
+        if checked.train[key] < 1:
+            raise ConfigError(f"train.{key}={checked.train[key]} must be at least 1")
+    if checked.train.lr <= 0:
+        raise ConfigError(f"train.lr={checked.train.lr} must be positive")
+    OmegaConf.resolve(checked)
+    return checked
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not an option; use one of: {', '.join(allowed)}")
