@@ -11,6 +11,7 @@ and collation, which dominate the step time of small CTR models on CPU.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -30,6 +31,8 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from kar.metrics import ctr_metrics
 from kar.registry import ConfigError
 from kar.tracking import NullTracker, Tracker
+
+logger = logging.getLogger("kar.engine")
 
 Split = dict[str, Tensor]
 MetricsFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
@@ -242,8 +245,12 @@ def _train_epoch(
     loss_fn = nn.BCEWithLogitsLoss()
     loss_sum = torch.zeros((), device=accelerator.device)
     n_batches = 0
+    # disable=None: no bar when stdout is not a terminal (log files, CI), only the epoch lines.
     progress = tqdm(
-        loader, desc=description, disable=not accelerator.is_local_main_process, leave=False
+        loader,
+        desc=description,
+        disable=None if accelerator.is_local_main_process else True,
+        leave=False,
     )
     for batch in progress:
         logits = model(batch)
@@ -389,9 +396,11 @@ def _fit(
             step=global_step,
         )
         if accelerator.is_local_main_process:
-            tqdm.write(
-                f"epoch {epoch}: train loss {train_loss:.4f}, "
-                + ", ".join(f"valid {key} {value:.4f}" for key, value in valid.items())
+            logger.info(
+                "epoch %d: train loss %.4f, %s",
+                epoch,
+                train_loss,
+                ", ".join(f"valid {key} {value:.4f}" for key, value in valid.items()),
             )
 
         if valid[monitor] > best_value:
