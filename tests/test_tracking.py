@@ -109,6 +109,14 @@ def test_redact_replaces_secret_keys_at_any_depth(monkeypatch: pytest.MonkeyPatc
     assert config["llm"]["api_key"] == SECRET  # the input is not modified
 
 
+def test_redact_keeps_variable_names_and_hyperparameters_visible() -> None:
+    # `api_key_env` names a variable and `max_tokens` is a hyperparameter: neither is a secret.
+    config = {"llm": {"api_key_env": "OPENAI_API_KEY", "max_tokens": 512, "api_key": SECRET}}
+    assert redact(config) == {
+        "llm": {"api_key_env": "OPENAI_API_KEY", "max_tokens": 512, "api_key": REDACTED}
+    }
+
+
 def test_redact_resolves_omegaconf_interpolations_before_redacting(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -20,6 +20,24 @@ from kar.errors import KarError
 
 log = logging.getLogger("kar")
 
+# Bad input a user can fix: reported as one message, without a traceback. Everything else is a
+# bug and keeps its traceback.
+USER_ERRORS = (KarError, FileNotFoundError)
+
+
+def _log_to_files_only(err: BaseException) -> None:
+    """Record `err` with its traceback in the run's log file, but not on the console.
+
+    The console shows the message once, on stderr; the traceback stays findable in the log in
+    case the "bad input" was a bug after all.
+    """
+    record = log.makeRecord(
+        log.name, logging.ERROR, __file__, 0, "%s", (err,), (type(err), err, err.__traceback__)
+    )
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
 
 def _config_dir() -> str:
     """`KAR_CONFIG_DIR`, else the repository's top-level ``conf/``."""
@@ -39,8 +57,10 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         outcome = run(validate(cfg), run_dir)
-    except (KarError, FileNotFoundError) as err:
-        log.error("%s", err)
+    except USER_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # as for Hydra's own errors: show it all
+            raise
+        _log_to_files_only(err)
         print(f"kar: error: {err}", file=sys.stderr)
         if HydraConfig.get().mode.name == "RUN":
             sys.exit(2)

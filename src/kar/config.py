@@ -9,6 +9,7 @@ registered class's signature (see `kar.registry.schema_for`).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -19,6 +20,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from kar import components  # noqa: F401  (registers every implementation)
 from kar.engine import TrainConfig
 from kar.errors import ConfigError
+from kar.knowledge.encoder import LONG_TEXT_MODES, POOLINGS, TransformersEncoder
+from kar.nn.adaptor import NoAdaptor
 from kar.registry import ADAPTORS, BACKBONES, DATASETS, ENCODERS, LLMS, validate_group
 from kar.tracking import LoggerConfig
 
@@ -64,8 +67,31 @@ class KARConfig:
     knowledge: str = "both"
 
 
+# Longest run directory suffix made from overrides; file systems allow 255 bytes per name.
+MAX_SUFFIX_CHARS = 120
+
+
+def run_dir_suffix(overrides: str) -> str:
+    """``_<overrides>`` as part of ONE directory name, or "" without overrides.
+
+    Hydra's ``override_dirname`` is not fit for a name as it is: a path or hub id in an override
+    (``encoder.path=/models/x``, ``llm.model=org/name``) would nest directories, and a long sweep
+    would exceed the file system's name limit. A shortened suffix ends in a hash of the whole,
+    so distinct runs stay distinct.
+    """
+    if not overrides:
+        return ""
+    name = overrides.replace("/", "_").replace("\\", "_")
+    if len(name) > MAX_SUFFIX_CHARS:
+        digest = hashlib.sha256(overrides.encode()).hexdigest()[:12]
+        name = f"{name[: MAX_SUFFIX_CHARS - 13]}~{digest}"
+    return f"_{name}"
+
+
 def register_schema() -> None:
+    """Register the top-level schema (``kar_schema``) and the resolvers ``conf/`` uses."""
     ConfigStore.instance().store(name="kar_schema", node=KARConfig)
+    OmegaConf.register_new_resolver("kar.dir_suffix", run_dir_suffix, replace=True)
 
 
 # Keys each group's YAML carries for the framework itself, besides the implementation's own
@@ -115,6 +141,12 @@ def validate(cfg: DictConfig) -> DictConfig:
         with open_dict(checked):
             checked[group] = validate_group(group, node, cls, keys)
     _check_choice("encoder.user_text", checked.encoder.user_text, USER_TEXTS)
+    if ENCODERS.get(checked.encoder.name) is TransformersEncoder:
+        # The encoder checks these itself, but only when the encode stage builds it: after the
+        # data stage and after paid LLM calls. A typo must not cost that.
+        _check_choice("encoder.long_text", checked.encoder.long_text, LONG_TEXT_MODES)
+        _check_choice("encoder.pooling", checked.encoder.pooling, POOLINGS)
+    _check_adaptor_fits_backbone(checked)
     _check_choice("knowledge", checked.knowledge, KNOWLEDGE_KINDS)
     _check_choice("task.name", checked.task.name, TASKS)
     for key in ("test_ratio", "valid_ratio"):
@@ -128,6 +160,27 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"train.lr={checked.train.lr} must be positive")
     OmegaConf.resolve(checked)
     return checked
+
+
+def _check_adaptor_fits_backbone(cfg: DictConfig) -> None:
+    """Field-injection backbones take the adaptor output as extra fields of size embed_dim.
+
+    `kar.models.build_model` enforces this too, but only at the train stage, after the data,
+    generate and encode stages have run; checked here, the mistake costs nothing.
+    """
+    backbone_cls = BACKBONES.get(cfg.backbone.name)
+    if ADAPTORS.get(cfg.adaptor.name) is NoAdaptor or backbone_cls.injection != "field":
+        return
+    out_dim, embed_dim = cfg.adaptor.out_dim, cfg.backbone.embed_dim
+    if out_dim != embed_dim:
+        dense = [n for n in BACKBONES.names() if BACKBONES.get(n).injection == "dense"]
+        raise ConfigError(
+            f"adaptor.out_dim={out_dim} does not fit backbone={cfg.backbone.name}: it takes "
+            f"knowledge as extra fields, so adaptor.out_dim must equal backbone.embed_dim="
+            f"{embed_dim}. Fix: drop the adaptor.out_dim override (it defaults to "
+            f"${{backbone.embed_dim}}), set adaptor.out_dim={embed_dim}, or pick a backbone that "
+            f"takes dense knowledge ({', '.join(dense)})"
+        )
 
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

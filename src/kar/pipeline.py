@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from kar.config import STAGE_ORDER, Stage
 from kar.data.protocol import CTRData, build_ctr_data
 from kar.data.raw import RawData
 from kar.engine import TrainConfig, fit
-from kar.knowledge.encoder import encode_with_store
+from kar.knowledge.encoder import TextEncoder, encode_with_store
 from kar.knowledge.llm.base import Knowledge
 from kar.knowledge.prompts import (
     PromptRequest,
@@ -81,13 +82,21 @@ def run(cfg: DictConfig, run_dir: Path) -> RunOutcome | None:
 
 def _run_stages(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> RunOutcome | None:
     provider = _instantiate(LLMS, cfg.llm)
+    needs_knowledge = uses_knowledge(cfg) or Stage(cfg.stage) in (Stage.generate, Stage.encode)
+    # Built before any stage runs (it loads only config and tokenizer, not the weights), so a
+    # bad encoder setting stops the run before data processing and paid LLM calls, not after.
+    encoder = (
+        _instantiate(ENCODERS, cfg.encoder)
+        if needs_knowledge and _reaches(cfg, Stage.encode)
+        else None
+    )
     data = prepare_data(cfg, provider.prefix_lengths())
     log.info("data: %s", data.summary())
     if not _reaches(cfg, Stage.generate):
         return None
 
     tables = None
-    if uses_knowledge(cfg) or Stage(cfg.stage) in (Stage.generate, Stage.encode):
+    if needs_knowledge:
         raw = load_raw(cfg)
         store_path = Path(cfg.paths.store)
         store_path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +104,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> RunOutcome 
             knowledge = generate_knowledge(cfg, provider, raw, data, store)
             if not _reaches(cfg, Stage.encode):
                 return None
-            tables = encode_knowledge(cfg, knowledge, data, store)
+            assert encoder is not None  # built above whenever the encode stage is reached
+            tables = encode_knowledge(cfg, encoder, knowledge, data, store)
         if not _reaches(cfg, Stage.train):
             return None
         tracker.summary(_coverage(tables))
@@ -188,12 +198,12 @@ def generate_knowledge(
 # --------------------------------------------------------------------------------- encode stage
 def encode_knowledge(
     cfg: DictConfig,
+    encoder: TextEncoder,
     knowledge: Mapping[tuple[str, str], Knowledge],
     data: CTRData,
     store: KnowledgeStore,
 ) -> KnowledgeTables:
     """Encoder vectors of every user's and item's knowledge text, as index-aligned tables."""
-    encoder = _instantiate(ENCODERS, cfg.encoder)
 
     def text(kind: str, k: Knowledge) -> str:
         if kind == "user" and cfg.encoder.user_text == "history+answer":
@@ -261,6 +271,8 @@ def train(
     adaptor_kwargs = init_kwargs(cfg.adaptor, ad_cls)
     if cfg.adaptor.name != "none":
         adaptor_kwargs["out_dim"] = cfg.adaptor.out_dim
+    # `fit` seeds shuffling and dropout; the initial weights are drawn here, before it.
+    set_seed(cfg.seed)
     model = build_model(
         backbone=cfg.backbone.name,
         backbone_kwargs=init_kwargs(cfg.backbone, bb_cls),

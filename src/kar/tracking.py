@@ -23,7 +23,11 @@ REDACTED = "<redacted>"
 TRACKER_NAMES = ("wandb", "none")
 WANDB_MODES = ("disabled", "offline", "online")
 # A key (config entry or environment variable name) whose value is a credential.
-SECRET_KEY_PATTERN = re.compile(r"api_?key|token|secret|password|authorization", re.IGNORECASE)
+# A key holds a secret when its name ENDS in one of these words (`api_key`, `hf_token`), so
+# `api_key_env` (the name of a variable) and `max_tokens` (a hyperparameter) stay visible.
+SECRET_KEY_PATTERN = re.compile(
+    r"(api_?key|token|secret|password|passwd|authorization|credentials?)$", re.IGNORECASE
+)
 # The variables launchers use for the global rank, in the order accelerate reads them.
 RANK_ENV_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 

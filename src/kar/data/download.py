@@ -18,12 +18,14 @@ from typing import BinaryIO
 import requests
 from tqdm.auto import tqdm
 
+from kar.errors import KarError
+
 CHUNK_BYTES = 1 << 16
 # (connect, read) seconds: fail fast on a dead host, tolerate a slow one.
 TIMEOUT_S = (10, 60)
 
 
-class DownloadError(RuntimeError):
+class DownloadError(KarError, RuntimeError):
     """The archive was fetched but is not the expected one (checksum, missing members)."""
 
 

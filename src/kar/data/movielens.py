@@ -10,6 +10,7 @@ import pandas as pd
 
 from kar.data.download import ensure_files
 from kar.data.raw import RawData
+from kar.errors import DataError
 from kar.registry import DATASETS
 
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
@@ -33,7 +34,7 @@ def read_delimited(
                 continue
             fields = line.split(sep)
             if len(fields) != n_columns:
-                raise ValueError(
+                raise DataError(
                     f"{path}, line {line_no}: expected {n_columns} {sep!r}-separated fields, "
                     f"found {len(fields)} ({line[:80]!r}); the file is corrupt — re-download it"
                 )
@@ -61,7 +62,7 @@ def parse_ints(
             int(value)
         except ValueError:
             line_no = line_numbers(path, encoding=encoding)[row]
-            raise ValueError(
+            raise DataError(
                 f"{path}, line {line_no}: {column} {value!r} is not an integer; the file is "
                 f"corrupt — re-download it"
             ) from None
@@ -116,7 +117,7 @@ class MovieLens100K:
         rows = read_delimited(path, "|", 2)
         positions = parse_ints([r[1] for r in rows], path, "genre position")
         if sorted(positions.tolist()) != list(range(len(rows))):
-            raise ValueError(
+            raise DataError(
                 f"{path}: genre positions {positions.tolist()} are not 0..{len(rows) - 1}; "
                 f"the file is corrupt — re-download it"
             )
@@ -150,7 +151,7 @@ class MovieLens100K:
         if bad.any():
             row, col = np.argwhere(bad)[0]
             line_no = line_numbers(path)[row]
-            raise ValueError(
+            raise DataError(
                 f"{path}, line {line_no}: genre flag for {genres[col]!r} is {flags[row, col]!r}, "
                 f"expected 0 or 1; the file is corrupt — re-download it"
             )

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from kar.data.raw import RawData
+from kar.errors import DataError
 from kar.registry import ConfigError
 
 SPLITS = ("train", "valid", "test")
@@ -252,15 +253,15 @@ def _prefix_length_per_user(
     index = {raw_id: i for i, raw_id in enumerate(user_ids, start=1)}
     for raw_id, given in prefix_lengths.items():
         if str(raw_id) not in index:
-            raise ValueError(
+            raise DataError(
                 f"prefix_lengths names user {raw_id!r}, who is not in the data; the knowledge "
                 f"file (begin_index.json) belongs to another dataset or version"
             )
         u = index[str(raw_id)]
         if isinstance(given, bool) or not isinstance(given, int | np.integer):
-            raise ValueError(f"prefix_lengths[{raw_id!r}] = {given!r} is not an integer")
+            raise DataError(f"prefix_lengths[{raw_id!r}] = {given!r} is not an integer")
         if not 0 <= given <= counts[u]:
-            raise ValueError(
+            raise DataError(
                 f"prefix_lengths[{raw_id!r}] = {given}, but user {raw_id!r} has {counts[u]} "
                 f"ratings (need 0 <= k <= {counts[u]}); the knowledge file does not match the "
                 f"ratings — regenerate it or drop prefix_lengths"

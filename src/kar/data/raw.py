@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from kar.errors import DataError
+
 USER_COLUMNS = ("user_id", "gender", "age", "occupation")
 ITEM_COLUMNS = ("item_id", "title", "genres")
 RATING_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
@@ -37,7 +39,7 @@ class RawData:
             frame = getattr(self, table)
             missing = [c for c in columns if c not in frame.columns]
             if missing:
-                raise ValueError(
+                raise DataError(
                     f"{self._source(table)} lacks column(s) {missing}; a dataset reader must "
                     f"provide {list(columns)}"
                 )
@@ -53,7 +55,7 @@ class RawData:
         ids = getattr(self, table)[column]
         duplicated = ids[ids.duplicated()]
         if len(duplicated):
-            raise ValueError(
+            raise DataError(
                 f"{self._source(table)}: {column} {duplicated.iloc[0]!r} appears more than once; "
                 f"ids must be unique (is the file corrupt or concatenated twice?)"
             )
@@ -63,7 +65,7 @@ class RawData:
         unknown = self.ratings[column][~self.ratings[column].isin(known)]
         if len(unknown):
             row = unknown.index[0]
-            raise ValueError(
+            raise DataError(
                 f"{self._source('ratings')}: rating row {row} (0-based, file order) refers to "
                 f"{column} {unknown.iloc[0]!r}, which is not in {self._source(table)} "
                 f"({len(unknown)} such ratings); the files do not belong together or one is "

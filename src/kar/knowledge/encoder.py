@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
 
     from kar.knowledge.store import KnowledgeStore
 
-log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "cls")
 LONG_TEXT_MODES = ("windows", "truncate")
@@ -324,12 +322,6 @@ def encode_with_store(
         fresh = encoder.encode(missing)
         store.put_vectors(encoder.key, missing, fresh)
         known = {**known, **dict(zip(missing, fresh, strict=True))}
-    log.info(
-        "encoder %s: %d texts from the store, %d encoded",
-        encoder.key,
-        len(unique) - len(missing),
-        len(missing),
-    )
     if not texts:
         return np.zeros((0, encoder.dim), dtype=np.float32), 0, 0
     vectors = np.stack([np.asarray(known[t], dtype=np.float32) for t in texts])

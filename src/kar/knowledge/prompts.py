@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from kar.errors import ConfigError
+
 # Catalogue titles move a leading article to the end ("Postino, Il (1994)"). The released prompts
 # move it back only for these articles; "Boot, Das", "Bonheur, Le" and "Bewegte Mann, Der" stay
 # as they are, and so do articles inside an alternative title in parentheses.
@@ -77,18 +79,18 @@ class PromptTemplates:
                 names = set(_fields(template))
             except ValueError as err:
                 message = f"prompt template {name!r} is not a format string: {err}"
-                raise ValueError(message) from None
+                raise ConfigError(message) from None
             if any(not n.isidentifier() for n in names):
-                raise ValueError(
+                raise ConfigError(
                     f"prompt template {name!r} has an unnamed or dotted placeholder; use named "
                     f"fields like {{title}} (write literal braces as {{{{ }}}}): {template!r}"
                 )
             if missing := required - names:
-                raise ValueError(
+                raise ConfigError(
                     f"prompt template {name!r} lacks placeholder(s) {sorted(missing)}: {template!r}"
                 )
             if allowed is not None and (unknown := names - allowed):
-                raise ValueError(
+                raise ConfigError(
                     f"prompt template {name!r} has unknown placeholder(s) {sorted(unknown)}; "
                     f"allowed: {sorted(allowed)}"
                 )
@@ -97,7 +99,7 @@ class PromptTemplates:
             ("item", self.item, self.item_factors),
         ):
             if "factors" in _fields(template) and not factors:
-                raise ValueError(
+                raise ConfigError(
                     f"prompt template {name!r} uses {{factors}} but {name}_factors is empty"
                 )
 
@@ -130,7 +132,7 @@ def render_user_prompt(
     )
     values["factors"] = join_factors(t.user_factors)
     if missing := [name for name in _fields(t.user) if name not in values]:
-        raise ValueError(
+        raise ConfigError(
             f"user prompt template needs profile field(s) {missing} but the profile has "
             f"{sorted(profile)}; fix the dataset's user template or its profile columns"
         )
@@ -151,7 +153,7 @@ def user_history_text(prompt: str, templates: PromptTemplates | None = None) -> 
     marker = templates.user_instruction_start() if templates else DEFAULT_INSTRUCTION_START
     position = prompt.rfind(marker) if marker else -1
     if position < 0:
-        raise ValueError(
+        raise ConfigError(
             f"user prompt does not contain the analysis instruction {marker!r}, so its history "
             f"part is unknown; pass the dataset's PromptTemplates. Prompt starts: {prompt[:80]!r}"
         )

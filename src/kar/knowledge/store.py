@@ -32,6 +32,8 @@ from tenacity import (
     wait_random,
 )
 
+from kar.errors import DataError, KarError
+
 log = logging.getLogger("kar.knowledge")
 
 SCHEMA_VERSION = 1
@@ -65,7 +67,7 @@ _view_ids = itertools.count()
 R = TypeVar("R")
 
 
-class StoreLockedError(TimeoutError):
+class StoreLockedError(KarError, TimeoutError):
     """Another process kept the store file locked for longer than we were willing to wait."""
 
 
@@ -154,12 +156,12 @@ class KnowledgeStore:
         tables = {row[0] for row in self._query("SELECT table_name FROM duckdb_tables()")}
         if "meta" not in tables:
             if tables:
-                raise ValueError(
+                raise DataError(
                     f"{self.path} is a DuckDB file but not a kar knowledge store (tables: "
                     f"{sorted(tables)}); point the store path elsewhere or move the file away"
                 )
             if self.read_only:
-                raise ValueError(
+                raise DataError(
                     f"knowledge store {self.path} is empty; open it once for writing to create it"
                 )
             version = 0
@@ -167,13 +169,13 @@ class KnowledgeStore:
             rows = self._query("SELECT value FROM meta WHERE key = 'schema_version'")
             version = int(rows[0][0]) if rows else 0
         if version > SCHEMA_VERSION:
-            raise ValueError(
+            raise DataError(
                 f"knowledge store {self.path} has schema version {version}, newer than this "
                 f"kar's {SCHEMA_VERSION}; upgrade kar or use another store path"
             )
         if version < SCHEMA_VERSION:
             if self.read_only:
-                raise ValueError(
+                raise DataError(
                     f"knowledge store {self.path} has schema version {version} and needs "
                     f"migrating to {SCHEMA_VERSION}; open it once without read_only to migrate"
                 )
@@ -334,7 +336,7 @@ class KnowledgeStore:
         self._require_writable()
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(texts):
-            raise ValueError(
+            raise DataError(
                 f"put_vectors needs vectors of shape (len(texts)={len(texts)}, dim); "
                 f"got {vectors.shape}"
             )
@@ -346,7 +348,7 @@ class KnowledgeStore:
                 "SELECT dim FROM vectors WHERE encoder_key = ? LIMIT 1", [encoder_key]
             )
         if stored and stored[0][0] != dim:
-            raise ValueError(
+            raise DataError(
                 f"encoder {encoder_key!r} has {stored[0][0]}-dim vectors in {self.path} but "
                 f"{dim}-dim ones were given; an encoder key must identify one vector size"
             )

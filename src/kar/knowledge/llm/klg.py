@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kar.errors import DataError
 from kar.knowledge.llm.base import Knowledge, LLMProvider
 from kar.knowledge.prompts import PromptRequest
 from kar.knowledge.store import KnowledgeStore
@@ -33,7 +34,7 @@ def _read_json(path: Path, config_key: str, what: str) -> tuple[Any, bytes]:
     try:
         return json.loads(content.decode("utf-8")), content
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(
+        raise DataError(
             f"{what} {path} is not valid UTF-8 JSON ({err}); fix the file or {config_key}"
         ) from None
 
@@ -42,7 +43,7 @@ def read_klg(path: Path, config_key: str) -> tuple[dict[str, Knowledge], bytes]:
     """Entries of a .klg file by raw id, and the file's bytes (for the import's identity)."""
     data, content = _read_json(path, config_key, "knowledge file")
     if not isinstance(data, dict):
-        raise ValueError(
+        raise DataError(
             f"knowledge file {path} holds a JSON {type(data).__name__}, expected an object "
             f"{_FORMAT}; fix the file or {config_key}"
         )
@@ -53,7 +54,7 @@ def read_klg(path: Path, config_key: str) -> tuple[dict[str, Knowledge], bytes]:
             and isinstance(entry.get("prompt"), str)
             and isinstance(entry.get("ans"), str)
         ):
-            raise ValueError(
+            raise DataError(
                 f"knowledge file {path}: entry {raw_id!r} is not {{'prompt': str, 'ans': str}} "
                 f"(got {json.dumps(entry)[:120]}); every entry must follow {_FORMAT}"
             )
@@ -65,13 +66,13 @@ def read_begin_index(path: Path) -> dict[str, int]:
     """{raw_user_id: k}: the user's first k ratings (time order) formed the prompt's history."""
     data, _ = _read_json(path, "llm.begin_index", "begin index file")
     if not isinstance(data, dict):
-        raise ValueError(
+        raise DataError(
             f"begin index file {path} holds a JSON {type(data).__name__}, expected an object "
             "{raw_user_id: number of prefix ratings}"
         )
     for raw_id, k in data.items():
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(
+            raise DataError(
                 f"begin index file {path}: entry {raw_id!r} is {k!r}, expected a non-negative "
                 "integer (how many first ratings of that user the prompt showed)"
             )
