@@ -72,6 +72,10 @@ def main() -> None:
     }
     path = args.out / f"rank{accelerator.process_index}.json"
     path.write_text(json.dumps(report))
+    # Tear the process group down before exit: a gloo thread still alive at interpreter
+    # shutdown aborts the process ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

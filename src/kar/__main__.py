@@ -6,6 +6,7 @@ sweepers (grid, Optuna) can optimise it.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -47,7 +48,16 @@ def _config_dir() -> str:
     return str(Path(__file__).resolve().parents[2] / "conf")
 
 
+def _destroy_process_group() -> None:
+    """Under `accelerate launch`, a gloo/NCCL thread alive at exit would abort the process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 register_schema()
+atexit.register(_destroy_process_group)
 
 
 @hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")
