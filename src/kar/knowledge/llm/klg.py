@@ -28,7 +28,9 @@ _FORMAT = '{raw_id: {"prompt": str, "ans": str}}'
 def _read_json(path: Path, config_key: str, what: str) -> tuple[Any, bytes]:
     if not path.is_file():
         raise FileNotFoundError(
-            f"{what} {path} does not exist; set {config_key} to the path of an existing file"
+            f"{what} {path} does not exist; set {config_key} to the path of an existing file "
+            "(KAR_DATA_DIR sets the data folder), or generate knowledge with an LLM provider "
+            "instead of importing it (e.g. llm=gpt35)"
         )
     content = path.read_bytes()
     try:
