@@ -308,6 +308,8 @@ def train(
         "backbone": cfg.backbone.name,
         "adaptor": cfg.adaptor.name,
         "llm": cfg.llm.name,
+        "knowledge": cfg.knowledge,
+        "encoder": cfg.encoder.name,
         "dataset": cfg.dataset.name,
         "seed": cfg.seed,
         "history": result.history,
