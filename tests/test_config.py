@@ -333,8 +333,6 @@ def test_hydra_rejects_typos_and_wrong_types(
         (["backbone.cross_layers=abc"], ["cross_layers", "'abc'", "Integer"]),
         (["+adaptor.n_expertz=3"], ["n_expertz", "valid keys", "n_dedicated"]),
         (["adaptor.dropout=high"], ["dropout", "'high'"]),
-        (["encoder.long_text=foo"], ["encoder.long_text='foo'", "windows, truncate"]),
-        (["encoder.pooling=max"], ["encoder.pooling='max'", "mean, cls"]),
         (["encoder.user_text=foo"], ["encoder.user_text='foo'", "history+answer, answer"]),
         (["+encoder.max_len=64"], ["max_len", "max_length"]),
         (["knowledge=foo"], ["knowledge='foo'", "both, user, item"]),

@@ -20,7 +20,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from kar import components  # noqa: F401  (registers every implementation)
 from kar.engine import TrainConfig
 from kar.errors import ConfigError
-from kar.knowledge.encoder import LONG_TEXT_MODES, POOLINGS, TransformersEncoder
 from kar.nn.adaptor import NoAdaptor
 from kar.registry import ADAPTORS, BACKBONES, DATASETS, ENCODERS, LLMS, validate_group
 from kar.tracking import LoggerConfig
@@ -141,11 +140,6 @@ def validate(cfg: DictConfig) -> DictConfig:
         with open_dict(checked):
             checked[group] = validate_group(group, node, cls, keys)
     _check_choice("encoder.user_text", checked.encoder.user_text, USER_TEXTS)
-    if ENCODERS.get(checked.encoder.name) is TransformersEncoder:
-        # The encoder checks these itself, but only when the encode stage builds it: after the
-        # data stage and after paid LLM calls. A typo must not cost that.
-        _check_choice("encoder.long_text", checked.encoder.long_text, LONG_TEXT_MODES)
-        _check_choice("encoder.pooling", checked.encoder.pooling, POOLINGS)
     _check_adaptor_fits_backbone(checked)
     _check_choice("knowledge", checked.knowledge, KNOWLEDGE_KINDS)
     _check_choice("task.name", checked.task.name, TASKS)
