@@ -7,6 +7,7 @@ sweepers (grid, Optuna) can optimise it.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import sys
@@ -56,6 +57,13 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _mark_failed(run_dir: Path, err: BaseException) -> None:
+    """`failed.json` in the job's folder: a multirun goes on, and this says which job broke."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"error": type(err).__name__, "message": str(err)}
+    (run_dir / "failed.json").write_text(json.dumps(record, indent=2))
+
+
 register_schema()
 atexit.register(_destroy_process_group)
 
@@ -64,17 +72,23 @@ atexit.register(_destroy_process_group)
 def main(cfg: DictConfig) -> float | None:
     from kar.pipeline import run  # heavy imports after Hydra has parsed the command line
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode.name == "MULTIRUN"
+    # The sweep folder's name groups a multirun's tracked runs.
+    sweep_name = Path(hydra_cfg.sweep.dir).name if multirun else None
     try:
-        outcome = run(validate(cfg), run_dir)
+        outcome = run(validate(cfg), run_dir, sweep_name=sweep_name)
     except USER_ERRORS as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":  # as for Hydra's own errors: show it all
             raise
         _log_to_files_only(err)
         print(f"kar: error: {err}", file=sys.stderr)
-        if HydraConfig.get().mode.name == "RUN":
+        if not multirun:
             sys.exit(2)
-        raise
+        # One job's bad input must not stop the other jobs of the sweep (raising would).
+        _mark_failed(run_dir, err)
+        return None
     if outcome is None:
         print(f"kar: stopped after stage={cfg.stage.value} -> {run_dir}")
         return None

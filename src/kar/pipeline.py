@@ -7,13 +7,14 @@ rerun generates and encodes nothing. Training reads the knowledge once, as tenso
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from kar.knowledge.prompts import (
     render_user_prompt,
     user_history_text,
 )
-from kar.knowledge.store import KnowledgeStore
+from kar.knowledge.store import KnowledgeStore, StoreReadOnlyError
 from kar.models import KnowledgeTables, build_model
 from kar.registry import ADAPTORS, BACKBONES, DATASETS, ENCODERS, LLMS, init_kwargs
 from kar.tracking import LoggerConfig, Tracker, redact, tracking_run
@@ -42,6 +43,8 @@ log = logging.getLogger("kar")
 
 # Bump when the protocol's output changes, so stale cached tensors are not reused.
 PROTOCOL_VERSION = 1
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -69,15 +72,38 @@ def uses_knowledge(cfg: DictConfig) -> bool:
     return cfg.adaptor.name != "none"
 
 
-def run(cfg: DictConfig, run_dir: Path) -> RunOutcome | None:
-    """Run the pipeline up to ``cfg.stage``; returns the outcome when training ran."""
+def run(cfg: DictConfig, run_dir: Path, *, sweep_name: str | None = None) -> RunOutcome | None:
+    """Run the pipeline up to ``cfg.stage``; returns the outcome when training ran.
+
+    `sweep_name` (the multirun's sweep folder, when this run is one of its jobs) groups the
+    jobs' tracked runs unless ``logger.group`` is set.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(redact(resolved))))
-    logger_cfg = OmegaConf.to_object(cfg.logger)
-    assert isinstance(logger_cfg, LoggerConfig)
+    logger_cfg = tracked_run_settings(cfg, sweep_name)
     with tracking_run(logger_cfg, resolved, run_dir, name=run_dir.name) as tracker:
         return _run_stages(cfg, run_dir, tracker)
+
+
+def tracked_run_settings(cfg: DictConfig, sweep_name: str | None) -> LoggerConfig:
+    """``cfg.logger`` with the run's group and tags, so runs can be filtered and compared."""
+    logger_cfg = OmegaConf.to_object(cfg.logger)
+    assert isinstance(logger_cfg, LoggerConfig)
+    tags = [
+        cfg.backbone.name,
+        cfg.adaptor.name,
+        cfg.dataset.name,
+        cfg.llm.name,
+        cfg.encoder.name,
+        f"knowledge={cfg.knowledge}",
+        *logger_cfg.tags,
+    ]
+    return dataclasses.replace(
+        logger_cfg,
+        group=logger_cfg.group if logger_cfg.group is not None else sweep_name,
+        tags=list(dict.fromkeys(str(tag) for tag in tags)),
+    )
 
 
 def _run_stages(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> RunOutcome | None:
@@ -99,13 +125,11 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> RunOutcome 
     if needs_knowledge:
         raw = load_raw(cfg)
         store_path = Path(cfg.paths.store)
-        store_path.parent.mkdir(parents=True, exist_ok=True)
-        with KnowledgeStore(store_path) as store:
-            knowledge = generate_knowledge(cfg, provider, raw, data, store)
-            if not _reaches(cfg, Stage.encode):
-                return None
-            assert encoder is not None  # built above whenever the encode stage is reached
-            tables = encode_knowledge(cfg, encoder, knowledge, data, store)
+        knowledge = generate_knowledge(cfg, provider, raw, data, store_path)
+        if not _reaches(cfg, Stage.encode):
+            return None
+        assert encoder is not None  # built above whenever the encode stage is reached
+        tables = encode_knowledge(cfg, encoder, knowledge, data, store_path)
         if not _reaches(cfg, Stage.train):
             return None
         tracker.summary(_coverage(tables))
@@ -158,6 +182,27 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# ------------------------------------------------------------------------------ knowledge store
+def with_store(path: Path, work: Callable[[KnowledgeStore], T]) -> T:
+    """`work(store)` on the knowledge store at `path`, opened read-only whenever that suffices.
+
+    DuckDB lets many processes read a file but only one write it, and a writer shuts out every
+    reader; so parallel jobs (a multirun) whose knowledge is all stored never wait on each other.
+    Only when `work` needs to write (it raises `StoreReadOnlyError` before any costly step) is
+    the store reopened for writing and `work` run again; the read-only connection is closed
+    first, as DuckDB refuses one file in both modes in one process. The store is closed when
+    this returns.
+    """
+    if path.exists():
+        with KnowledgeStore(path, read_only=True) as store:
+            try:
+                return work(store)
+            except StoreReadOnlyError:
+                log.info("knowledge store %s lacks entries: reopening it to add them", path)
+    with KnowledgeStore(path) as store:
+        return work(store)
+
+
 # ------------------------------------------------------------------------------- generate stage
 def build_requests(cfg: DictConfig, raw: RawData, data: CTRData) -> list[PromptRequest]:
     """Factorization prompts: one preference-reasoning prompt per user, one factual per item."""
@@ -185,10 +230,10 @@ def build_requests(cfg: DictConfig, raw: RawData, data: CTRData) -> list[PromptR
 
 
 def generate_knowledge(
-    cfg: DictConfig, provider: Any, raw: RawData, data: CTRData, store: KnowledgeStore
+    cfg: DictConfig, provider: Any, raw: RawData, data: CTRData, store_path: Path
 ) -> dict[tuple[str, str], Knowledge]:
     requests = build_requests(cfg, raw, data)
-    knowledge = provider.generate(requests, store)
+    knowledge = with_store(store_path, lambda store: provider.generate(requests, store))
     for kind, ids in (("user", data.user_ids), ("item", data.item_ids)):
         have = sum((kind, i) in knowledge for i in ids)
         log.info("knowledge (%s): %d/%d %ss have an answer", provider.key, have, len(ids), kind)
@@ -201,7 +246,7 @@ def encode_knowledge(
     encoder: TextEncoder,
     knowledge: Mapping[tuple[str, str], Knowledge],
     data: CTRData,
-    store: KnowledgeStore,
+    store_path: Path,
 ) -> KnowledgeTables:
     """Encoder vectors of every user's and item's knowledge text, as index-aligned tables."""
 
@@ -210,11 +255,25 @@ def encode_knowledge(
             return f"{user_history_text(k.prompt)}. {k.answer}"
         return k.answer
 
+    ids_of = {"user": data.user_ids, "item": data.item_ids}
+    rows_of = {
+        kind: [i + 1 for i, raw_id in enumerate(ids) if (kind, raw_id) in knowledge]
+        for kind, ids in ids_of.items()
+    }
+    texts_of = {
+        kind: [text(kind, knowledge[(kind, ids_of[kind][r - 1])]) for r in rows]
+        for kind, rows in rows_of.items()
+    }
+    encoded = with_store(
+        store_path,
+        lambda store: {
+            kind: encode_with_store(encoder, store, texts) for kind, texts in texts_of.items()
+        },
+    )
     tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for kind, ids in (("user", data.user_ids), ("item", data.item_ids)):
-        rows = [i + 1 for i, raw_id in enumerate(ids) if (kind, raw_id) in knowledge]
-        texts = [text(kind, knowledge[(kind, ids[r - 1])]) for r in rows]
-        vectors, n_stored, n_encoded = encode_with_store(encoder, store, texts)
+    for kind, ids in ids_of.items():
+        rows = rows_of[kind]
+        vectors, n_stored, n_encoded = encoded[kind]
         log.info(
             "encode (%s): %d %s vectors from the store, %d encoded",
             encoder.key,

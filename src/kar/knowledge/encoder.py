@@ -313,12 +313,14 @@ def encode_with_store(
     """Vectors for `texts` in input order, encoding only what the store does not hold yet.
 
     Returns ``(vectors (N, dim) float32, n_from_store, n_encoded)``, counting distinct texts.
-    Newly encoded vectors are written to the store under ``encoder.key``.
+    Newly encoded vectors are written to the store under ``encoder.key``. With a read-only
+    store that lacks some vectors, raises `StoreReadOnlyError` before encoding anything.
     """
     unique = list(dict.fromkeys(texts))
     known = store.get_vectors(encoder.key, unique)
     missing = [t for t in unique if t not in known]
     if missing:
+        store.require_writable()  # before encoding: a read-only store could not keep the vectors
         fresh = encoder.encode(missing)
         store.put_vectors(encoder.key, missing, fresh)
         known = {**known, **dict(zip(missing, fresh, strict=True))}

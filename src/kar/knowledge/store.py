@@ -71,6 +71,10 @@ class StoreLockedError(KarError, TimeoutError):
     """Another process kept the store file locked for longer than we were willing to wait."""
 
 
+class StoreReadOnlyError(PermissionError):
+    """A write was needed on a store opened read_only: reopen it for writing and try again."""
+
+
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -241,9 +245,14 @@ class KnowledgeStore:
         finally:
             self._con.unregister(name)
 
-    def _require_writable(self) -> None:
+    def require_writable(self) -> None:
+        """Raise `StoreReadOnlyError` if this store cannot be written.
+
+        Callers about to compute something costly (LLM calls, encoding) that they will store
+        check first, so that a read-only store fails before the work, not after it.
+        """
         if self.read_only:
-            raise PermissionError(f"knowledge store {self.path} was opened read_only")
+            raise StoreReadOnlyError(f"knowledge store {self.path} was opened read_only")
 
     # -- answers ------------------------------------------------------------------------------
 
@@ -272,7 +281,7 @@ class KnowledgeStore:
         meta: Mapping[str, object] | None = None,
     ) -> None:
         """Store one answer (first answer wins); committed to disk when this returns."""
-        self._require_writable()
+        self.require_writable()
         meta_json = None if meta is None else json.dumps(dict(meta), sort_keys=True)
         with self._lock:
             self._query(
@@ -283,7 +292,7 @@ class KnowledgeStore:
 
     def put_answers(self, llm_key: str, items: Sequence[tuple[str, str]]) -> int:
         """Store (prompt, answer) pairs in one transaction; returns how many were new."""
-        self._require_writable()
+        self.require_writable()
         first = dict(reversed(list(items)))  # reversed: the first answer of a repeated prompt wins
         if not first:
             return 0
@@ -333,7 +342,7 @@ class KnowledgeStore:
 
     def put_vectors(self, encoder_key: str, texts: Sequence[str], vectors: np.ndarray) -> int:
         """Store vectors (N, dim) of `texts` in one transaction; returns how many were new."""
-        self._require_writable()
+        self.require_writable()
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(texts):
             raise DataError(

@@ -163,6 +163,7 @@ class OpenAIChat(LLMProvider):
             self.key, len(prompts), len(answers), len(missing),
         )  # fmt: skip
         if missing:
+            store.require_writable()  # before paying for answers that could not be kept
             answers.update(self._ask(missing, self._api_key(len(missing)), store))
         return {
             (r.kind, r.raw_id): Knowledge(prompt=r.prompt, answer=answers[r.prompt])
