@@ -191,6 +191,16 @@ def test_read_only_missing_file(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def test_read_only_store_accepts_puts_that_add_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "store.duckdb"
+    with KnowledgeStore(path) as store:
+        store.put_answers("llm", [("p", "a")])
+    with KnowledgeStore(path, read_only=True) as store:
+        assert store.put_answers("llm", [("p", "a")]) == 0
+        with pytest.raises(PermissionError):
+            store.put_answers("llm", [("p", "a"), ("q", "b")])
+
+
 def test_read_only_store_refuses_writes(tmp_path: Path) -> None:
     path = tmp_path / "store.duckdb"
     KnowledgeStore(path).close()

@@ -291,9 +291,15 @@ class KnowledgeStore:
             )
 
     def put_answers(self, llm_key: str, items: Sequence[tuple[str, str]]) -> int:
-        """Store (prompt, answer) pairs in one transaction; returns how many were new."""
-        self.require_writable()
+        """Store (prompt, answer) pairs in one transaction; returns how many were new.
+
+        Re-putting only stored prompts changes nothing, so it is allowed on a read-only store:
+        an importer (e.g. a .klg file) can always hand over everything it has.
+        """
         first = dict(reversed(list(items)))  # reversed: the first answer of a repeated prompt wins
+        if self.read_only and len(self.get_answers(llm_key, list(first))) == len(first):
+            return 0
+        self.require_writable()
         if not first:
             return 0
         frame = pd.DataFrame(

@@ -123,11 +123,7 @@ class KlgImport(LLMProvider):
             found[(request.kind, request.raw_id)] = knowledge
             if knowledge.prompt != request.prompt:
                 differing.append(request)
-        pairs = [(k.prompt, k.answer) for k in found.values()]
-        # Only what the store lacks is written, so an imported file needs no writable store.
-        stored = store.get_answers(self.key, [prompt for prompt, _ in pairs])
-        new_pairs = [(prompt, answer) for prompt, answer in pairs if prompt not in stored]
-        added = store.put_answers(self.key, new_pairs) if new_pairs else 0
+        added = store.put_answers(self.key, [(k.prompt, k.answer) for k in found.values()])
         for kind, n_requested in requested.items():
             n_found = sum(1 for found_kind, _ in found if found_kind == kind)
             log.info(
