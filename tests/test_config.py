@@ -341,6 +341,8 @@ def test_hydra_rejects_typos_and_wrong_types(
         (["dataset.test_ratio=1.5"], ["dataset.test_ratio=1.5", "between 0 and 1"]),
         (["train.batch_size=0"], ["train.batch_size=0", "at least 1"]),
         (["train.lr=-1"], ["train.lr=-1", "positive"]),
+        (["task.monitor=logloss"], ["task.monitor='logloss'", "auc"]),
+        (["task.slices.cold_item_max_train=-1"], ["cold_item_max_train=-1", ">= 0"]),
     ],
 )
 def test_validate_rejects_bad_group_values(

@@ -46,6 +46,7 @@ def write_run(
     knowledge: str | None = None,
     llm: str = "klg",
     dataset: str = "ml-100k",
+    slices: dict | None = None,
 ) -> Path:
     """A job directory with a metrics.json shaped like kar.pipeline.train writes it."""
     metrics = {
@@ -63,6 +64,8 @@ def write_run(
     }
     if knowledge is not None:
         metrics["knowledge"] = knowledge
+    if slices is not None:
+        metrics["slices"] = slices
     path.mkdir(parents=True)
     (path / "metrics.json").write_text(json.dumps(metrics))
     return path / "metrics.json"
@@ -392,3 +395,68 @@ def test_wandb_disabled_is_a_no_op(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         "report.md",
         "report_gains.png",
     ]
+
+
+def sliced_sweep(root: Path, seeds: tuple[int, ...], adaptors=("none", "hea")) -> Path:
+    """dcnv2 runs whose metrics.json carries slices; a KAR slice AUC gains 0.01 + 0.001 * seed."""
+    for adaptor in adaptors:
+        for seed in seeds:
+            scores = seed_scores("dcnv2", adaptor, seed)
+            cold_auc = 0.70 + (0.01 + 0.001 * seed if adaptor == "hea" else 0.0)
+            write_run(
+                root / f"{seed}_adaptor={adaptor}",
+                backbone="dcnv2",
+                adaptor=adaptor,
+                seed=seed,
+                scores=scores,
+                slices={
+                    "test": {
+                        "cold_items": {
+                            "samples": 1003,
+                            "positive_rate": 0.37,
+                            "auc": cold_auc,
+                            "logloss": 0.6,
+                        },
+                        # a single class: no metrics, so never compared
+                        "short_history_users": {"samples": 3, "positive_rate": 1.0},
+                    },
+                    "valid": {"cold_items": {"samples": 9, "auc": 0.5, "logloss": 0.7}},
+                },
+            )
+    return root
+
+
+def test_slices_are_compared_like_the_test_split(tmp_path: Path) -> None:
+    tables = build_report(sliced_sweep(tmp_path / "sweep", SEEDS))
+
+    assert tables.splits == ("test", "valid", "test:cold_items")
+    (row,) = tables.rows("test:cold_items")
+    auc = row.metrics["auc"]
+    kar = [0.70 + 0.01 + 0.001 * s for s in SEEDS]
+    assert auc.base_mean == pytest.approx(0.70)
+    assert auc.kar_mean == pytest.approx(np.mean(kar))
+    assert auc.improvement_pct == pytest.approx((np.mean(kar) - 0.70) / 0.70 * 100)
+    assert auc.p_value == pytest.approx(stats.ttest_rel(kar, [0.70] * 3).pvalue)
+    markdown = (Path(write_report(tables, tmp_path / "out")[0])).read_text()
+    assert "## Slices of the test split" in markdown
+    assert "Cold items" in markdown and "1003 samples" in markdown
+    assert "short_history" not in markdown and "Users with short" not in markdown
+    splits = [r["split"] for r in read_csv(tmp_path / "out" / "report.csv")]
+    assert splits == ["test", "valid", "test:cold_items"]
+
+
+def test_runs_of_several_directories_are_pooled(tmp_path: Path) -> None:
+    base_dir = sliced_sweep(tmp_path / "base", SEEDS, adaptors=("none",))
+    kar_dir = sliced_sweep(tmp_path / "kar", SEEDS, adaptors=("hea",))
+
+    with pytest.raises(ReportError, match="adaptor=none"):
+        build_report(kar_dir)  # alone, nothing to compare with
+    tables = build_report([base_dir, kar_dir])
+
+    (row,) = tables.test
+    assert row.paired_seeds == SEEDS
+    assert row.metrics["auc"].kar_mean == pytest.approx(
+        expected("dcnv2", "test", "auc")["kar_mean"]
+    )
+    assert main([str(base_dir), str(kar_dir), "--out", str(tmp_path / "out")]) == 0
+    assert str(kar_dir) in (tmp_path / "out" / "report.md").read_text()

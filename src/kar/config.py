@@ -22,6 +22,7 @@ from kar.engine import TrainConfig
 from kar.errors import ConfigError
 from kar.nn.adaptor import NoAdaptor
 from kar.registry import ADAPTORS, BACKBONES, DATASETS, ENCODERS, LLMS, validate_group
+from kar.slices import SliceConfig
 from kar.tracking import LoggerConfig
 
 
@@ -48,6 +49,7 @@ class PathsConfig:
 class TaskConfig:
     name: str = "ctr"
     monitor: str = "auc"
+    slices: SliceConfig = field(default_factory=SliceConfig)
 
 
 @dataclass
@@ -117,6 +119,7 @@ _ADAPTOR_KEYS: dict[str, tuple[Any, Any]] = {"name": (str, MISSING), "out_dim": 
 USER_TEXTS = ("history+answer", "answer")
 KNOWLEDGE_KINDS = ("both", "user", "item")
 TASKS = ("ctr",)
+MONITORS = ("auc",)  # validation metrics where higher is better (early stopping keeps the max)
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -143,6 +146,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_adaptor_fits_backbone(checked)
     _check_choice("knowledge", checked.knowledge, KNOWLEDGE_KINDS)
     _check_choice("task.name", checked.task.name, TASKS)
+    _check_choice("task.monitor", checked.task.monitor, MONITORS)
+    for key, value in checked.task.slices.items():
+        if value < 0:
+            raise ConfigError(f"task.slices.{key}={value} must be >= 0")
     for key in ("test_ratio", "valid_ratio"):
         value = checked.dataset[key]
         if not 0.0 < value < 1.0:

@@ -68,6 +68,9 @@ class FitResult:
     best_epoch: int
     epochs_run: int
     history: list[dict] = field(default_factory=list)  # one entry per epoch
+    # split -> (labels, logits) of every sample in split order: validation at the best epoch,
+    # test once; for metrics on slices of a split.
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -362,6 +365,7 @@ def _fit(
     best_epoch = 0
     best_state: dict[str, Tensor] | None = None
     best_valid: dict[str, float] = {}
+    best_valid_prediction: tuple[np.ndarray, np.ndarray] | None = None
     epochs_without_improvement = 0
     global_step = 0
 
@@ -379,7 +383,8 @@ def _fit(
             global_step=global_step,
             description=f"epoch {epoch}/{cfg.max_epochs}",
         )
-        valid = evaluate(model, valid_loader, accelerator, metrics_fn)
+        valid_prediction = predict(model, valid_loader, accelerator)
+        valid = metrics_fn(*valid_prediction)
         if monitor not in valid:
             raise ValueError(
                 f"monitor {monitor!r} is not a metric name; metrics are {sorted(valid)}"
@@ -405,6 +410,7 @@ def _fit(
 
         if valid[monitor] > best_value:
             best_value, best_epoch, best_valid = valid[monitor], epoch, valid
+            best_valid_prediction = valid_prediction
             epochs_without_improvement = 0
             # In memory for the restore (no shared filesystem needed), on disk for later use.
             best_state = _cpu_state(accelerator.unwrap_model(model))
@@ -416,9 +422,11 @@ def _fit(
             if epochs_without_improvement >= cfg.patience:
                 break
 
-    assert best_state is not None  # the first epoch always improves on -inf
+    # the first epoch always improves on -inf
+    assert best_state is not None and best_valid_prediction is not None
     accelerator.unwrap_model(model).load_state_dict(best_state)
-    test = evaluate(model, test_loader, accelerator, metrics_fn)
+    test_prediction = predict(model, test_loader, accelerator)
+    test = metrics_fn(*test_prediction)
     log.summary(
         {"best_epoch": best_epoch, "epochs_run": len(history)}
         | {f"valid/best_{key}": value for key, value in best_valid.items()}
@@ -433,4 +441,5 @@ def _fit(
         best_epoch=best_epoch,
         epochs_run=len(history),
         history=history,
+        predictions={"valid": best_valid_prediction, "test": test_prediction},
     )

@@ -35,8 +35,10 @@ from kar.knowledge.prompts import (
     user_history_text,
 )
 from kar.knowledge.store import KnowledgeStore, StoreReadOnlyError
+from kar.metrics import ctr_metrics
 from kar.models import KnowledgeTables, build_model
 from kar.registry import ADAPTORS, BACKBONES, DATASETS, ENCODERS, LLMS, init_kwargs
+from kar.slices import SliceConfig, slice_masks, slice_metrics
 from kar.tracking import LoggerConfig, Tracker, redact, tracking_run
 
 log = logging.getLogger("kar")
@@ -357,7 +359,16 @@ def train(
         seed=cfg.seed,
         checkpoint_path=run_dir / "checkpoint.pt",
         tracker=tracker,
+        monitor=cfg.task.monitor,
     )
+    slice_cfg = OmegaConf.to_object(cfg.task.slices)
+    assert isinstance(slice_cfg, SliceConfig)
+    slices = {
+        split: slice_metrics(
+            *result.predictions[split], slice_masks(data, split, slice_cfg), ctr_metrics
+        )
+        for split in ("valid", "test")
+    }
     metrics = {
         "valid": result.valid,
         "test": result.test,
@@ -371,10 +382,18 @@ def train(
         "encoder": cfg.encoder.name,
         "dataset": cfg.dataset.name,
         "seed": cfg.seed,
+        "slices": slices,
         "history": result.history,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     tracker.summary(
         {f"{split}/{k}": v for split in ("valid", "test") for k, v in metrics[split].items()}
+        | {
+            f"{split}/{name}/{k}": v
+            for split, by_name in slices.items()
+            for name, values in by_name.items()
+            for k, v in values.items()
+            if v is not None
+        }
     )
     return RunOutcome(metrics=metrics, run_dir=run_dir)

@@ -1,9 +1,12 @@
 """Compare KAR against the bare backbone over a Hydra multirun: tables, a chart, optional W&B.
 
-`python -m kar.report <multirun dir> [--metric auc] [--out DIR] [--wandb]` reads every job's
+`python -m kar.report <multirun dir>... [--metric auc] [--out DIR] [--wandb]` reads every job's
 ``metrics.json``, pairs base runs (``adaptor == "none"``) with KAR runs by seed, and writes
 ``report.md`` / ``report.csv`` (the paper's Table 1 layout: mean ± std over seeds, relative
 improvement, paired t-test) for the test and validation splits, plus ``report_gains.png``.
+Several directories may be given (a main sweep and an ablation sweep, say); their runs are
+pooled. The same comparison is made on the slices the jobs scored (cold items, users with
+short histories: see `kar.slices`), on the test split.
 
 Rows are keyed by (dataset, knowledge, backbone, adaptor, llm): one row per KAR variant, so
 several adaptors (or LLMs) in one sweep each get their own rows against the same base runs.
@@ -17,8 +20,8 @@ import json
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,12 @@ LOWER_IS_BETTER = frozenset({"logloss"})
 DISPLAY_NAMES = {"auc": "AUC", "logloss": "LogLoss"}
 REQUIRED_KEYS = ("valid", "test", "backbone", "adaptor", "llm", "dataset", "seed")
 DEFAULT_KNOWLEDGE = "both"
+SLICE_SPLIT = "test"  # slices are reported on the split that is evaluated once
 REPORT_FILES = ("report.md", "report.csv", "report_gains.png")
+SLICE_TITLES = {
+    "cold_items": "Cold items (few training samples)",
+    "short_history_users": "Users with short histories (few ratings in all)",
+}
 
 
 class ReportError(KarError, ValueError):
@@ -54,7 +62,8 @@ class RunRecord:
     llm: str
     knowledge: str
     seed: int
-    scores: dict[str, dict[str, float]]  # split -> metric -> value
+    scores: dict[str, dict[str, float]]  # split (or "test:<slice>") -> metric -> value
+    slice_samples: dict[str, int] = field(default_factory=dict)  # "test:<slice>" -> samples
 
 
 @dataclass(frozen=True)
@@ -100,15 +109,26 @@ class ComparisonRow:
 class ReportTables:
     """Everything a report shows; `write_report` renders it."""
 
-    root: Path
+    root: Path  # the first directory given; `roots` lists all
     metric: str  # the headline metric: the chart's
     metrics: tuple[str, ...]  # the metrics in the tables, in column order
     test: list[ComparisonRow]
     valid: list[ComparisonRow]
     notes: list[str]
+    slices: dict[str, list[ComparisonRow]] = field(default_factory=dict)  # "test:<slice>"
+    # (dataset, "test:<slice>") -> samples in the slice (the same for every run on a dataset)
+    slice_samples: dict[tuple[str, str], int] = field(default_factory=dict)
+    roots: tuple[Path, ...] = ()
 
     def rows(self, split: str) -> list[ComparisonRow]:
+        if split in self.slices:
+            return self.slices[split]
         return {"test": self.test, "valid": self.valid}[split]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """Every split with rows: test, valid, then the slices of the test split."""
+        return (*SPLITS, *sorted(self.slices))
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -170,6 +190,12 @@ def load_run(path: Path, metrics: Sequence[str] = TABLE_METRICS) -> RunRecord:
     seed = data["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ReportError(f"{path}: 'seed' must be an integer, got {seed!r}")
+    slice_samples: dict[str, int] = {}
+    for name, values in (data.get("slices") or {}).get(SLICE_SPLIT, {}).items():
+        # A slice without a metric (a single class in it) is left out of the comparison.
+        if isinstance(values, dict) and all(_is_number(values.get(m)) for m in metrics):
+            scores[f"{SLICE_SPLIT}:{name}"] = {m: float(values[m]) for m in metrics}
+            slice_samples[f"{SLICE_SPLIT}:{name}"] = int(values.get("samples", 0))
     return RunRecord(
         path=path,
         dataset=str(data["dataset"]),
@@ -179,7 +205,12 @@ def load_run(path: Path, metrics: Sequence[str] = TABLE_METRICS) -> RunRecord:
         knowledge=_knowledge_of(path, data),
         seed=seed,
         scores=scores,
+        slice_samples=slice_samples,
     )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------------- comparing
@@ -264,9 +295,7 @@ def _pick_base(candidates: list[RunRecord], knowledge: str, llm: str) -> RunReco
     return min(candidates, key=lambda r: (r.knowledge != knowledge, r.llm != llm, str(r.path)))
 
 
-def build_report(root: Path, metric: str = "auc") -> ReportTables:
-    """Compare every KAR variant under `root` with the base runs of its dataset and backbone."""
-    root = Path(root)
+def _metrics_files(root: Path) -> list[Path]:
     if not root.exists():
         raise FileNotFoundError(
             f"{root}: no such directory; pass the Hydra multirun directory (hydra.sweep.dir)"
@@ -279,6 +308,16 @@ def build_report(root: Path, metric: str = "auc") -> ReportTables:
             f"{root}: no metrics.json found below it; pass a multirun directory whose jobs "
             f"finished training (stage=train)"
         )
+    return files
+
+
+def build_report(roots: Path | Sequence[Path], metric: str = "auc") -> ReportTables:
+    """Compare every KAR variant under `roots` with the base runs of its dataset and backbone."""
+    roots = (Path(roots),) if isinstance(roots, (str, Path)) else tuple(map(Path, roots))
+    if not roots:
+        raise ReportError("no directory given; pass at least one Hydra multirun directory")
+    root = roots[0]
+    files = sorted({f for r in roots for f in _metrics_files(r)})
     metrics = TABLE_METRICS if metric in TABLE_METRICS else (*TABLE_METRICS, metric)
     runs = [load_run(path, metrics) for path in files]
     base_runs = [r for r in runs if r.adaptor == BASE_ADAPTOR]
@@ -297,7 +336,8 @@ def build_report(root: Path, metric: str = "auc") -> ReportTables:
     kar_groups = _index_kar(kar_runs)
     base_groups = _index_base(base_runs)
     notes: list[str] = []
-    rows: dict[str, list[ComparisonRow]] = {split: [] for split in SPLITS}
+    rows: dict[str, list[ComparisonRow]] = defaultdict(list)
+    slice_samples: dict[tuple[str, str], int] = {}
     used_base: set[tuple[str, str]] = set()
     for key in sorted(kar_groups):
         dataset, knowledge, backbone, adaptor, llm = key
@@ -325,7 +365,19 @@ def build_report(root: Path, metric: str = "auc") -> ReportTables:
                 f"{dataset}/{knowledge}/{backbone}/{adaptor}/{llm}: {'; '.join(parts)} - "
                 f"excluded from the paired test (still in the means)"
             )
-        for split in SPLITS:
+        group_runs = [*kar.values(), *base.values()]
+        sliced = sorted({s for run in group_runs for s in run.slice_samples})
+        complete = [s for s in sliced if all(s in run.scores for run in group_runs)]
+        if len(complete) < len(sliced):
+            notes.append(
+                f"{dataset}/{knowledge}/{backbone}/{adaptor}/{llm}: slices "
+                f"{sorted(set(sliced) - set(complete))} are missing from some runs (older runs, "
+                f"or a slice with a single class) - not compared"
+            )
+        for run in group_runs:
+            for name in complete:
+                slice_samples.setdefault((dataset, name), run.slice_samples[name])
+        for split in (*SPLITS, *complete):
             rows[split].append(
                 ComparisonRow(
                     split=split,
@@ -350,6 +402,9 @@ def build_report(root: Path, metric: str = "auc") -> ReportTables:
         test=rows["test"],
         valid=rows["valid"],
         notes=notes,
+        slices={split: rows[split] for split in sorted(rows) if split not in SPLITS},
+        slice_samples=slice_samples,
+        roots=roots,
     )
 
 
@@ -375,7 +430,7 @@ def _seeds_cell(row: ComparisonRow) -> str:
 def to_frame(tables: ReportTables) -> pd.DataFrame:
     """One CSV row per (split, dataset, knowledge, backbone, adaptor, llm)."""
     records = []
-    for split in SPLITS:
+    for split in tables.splits:
         for row in tables.rows(split):
             record: dict[str, Any] = {
                 "split": split,
@@ -421,27 +476,51 @@ def _markdown_table(rows: list[ComparisonRow], metrics: Sequence[str]) -> list[s
     return lines
 
 
+def _split_sections(tables: ReportTables, split: str, suffix: Callable[[str], str]) -> list[str]:
+    """One table per (dataset, knowledge) of `split`'s rows; `suffix(dataset)` ends the title."""
+    lines: list[str] = []
+    sections = sorted({(r.dataset, r.knowledge) for r in tables.rows(split)})
+    for dataset, knowledge in sections:
+        rows = [r for r in tables.rows(split) if (r.dataset, r.knowledge) == (dataset, knowledge)]
+        rows.sort(key=lambda r: (r.backbone, r.adaptor, r.llm))
+        lines += ["", f"### {dataset} · knowledge: {knowledge}{suffix(dataset)}", ""]
+        lines += _markdown_table(rows, tables.metrics)
+    return lines
+
+
 def to_markdown(tables: ReportTables) -> str:
     lines = [
-        f"# KAR vs base: {tables.root}",
+        f"# KAR vs base: {', '.join(map(str, tables.roots or (tables.root,)))}",
         "",
         "Mean ± sample std (ddof=1) over seeds. Impr. = relative improvement of the KAR mean "
         "over the base mean (an increase for AUC, a decrease for LogLoss). p = paired t-test "
         "across seeds (scipy.stats.ttest_rel); n/a with fewer than 2 paired seeds.",
     ]
-    for split, title in (
+    titled = [
         ("test", "Test split"),
         ("valid", "Validation split (checkpoint selection happens here)"),
-    ):
+    ]
+    for split, title in titled:
         lines += ["", f"## {title}"]
-        sections = sorted({(r.dataset, r.knowledge) for r in tables.rows(split)})
-        for dataset, knowledge in sections:
-            rows = [
-                r for r in tables.rows(split) if (r.dataset, r.knowledge) == (dataset, knowledge)
-            ]
-            rows.sort(key=lambda r: (r.backbone, r.adaptor, r.llm))
-            lines += ["", f"### {dataset} · knowledge: {knowledge}", ""]
-            lines += _markdown_table(rows, tables.metrics)
+        lines += _split_sections(tables, split, lambda dataset: "")
+    if tables.slices:
+        lines += [
+            "",
+            f"## Slices of the {SLICE_SPLIT} split",
+            "",
+            "The same runs scored on the samples where open-world knowledge should matter "
+            "most (thresholds: `task.slices`, see kar/slices.py).",
+        ]
+        for split in sorted(tables.slices):
+            name = split.split(":", 1)[1]
+            lines += ["", f"### {SLICE_TITLES.get(name, name)}"]
+            lines += _split_sections(
+                tables,
+                split,
+                lambda dataset, split=split: (
+                    f" · {tables.slice_samples.get((dataset, split), '?')} samples"
+                ),
+            )
     if tables.notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in tables.notes]
     return "\n".join(lines) + "\n"
@@ -518,7 +597,7 @@ def log_to_wandb(tables: ReportTables, out_dir: Path) -> bool:
         settings=wandb.Settings(x_disable_meta=True, console="off", save_code=False),
     )
     try:
-        for split in SPLITS:
+        for split in tables.splits:
             part = frame[frame["split"] == split].astype(object)
             run.log({f"report/{split}": wandb.Table(dataframe=part.where(part.notna(), None))})
         png = out_dir / REPORT_FILES[2]
@@ -537,7 +616,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m kar.report",
         description="Compare KAR runs with base (adaptor=none) runs of a Hydra multirun.",
     )
-    parser.add_argument("root", type=Path, help="the multirun directory (hydra.sweep.dir)")
+    parser.add_argument(
+        "roots",
+        type=Path,
+        nargs="+",
+        metavar="root",
+        help="multirun directories (hydra.sweep.dir); the runs of all of them are pooled",
+    )
     parser.add_argument(
         "--metric", default="auc", help="headline metric for the chart (default: auc)"
     )
@@ -551,8 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        tables = build_report(args.root, metric=args.metric)
-        out_dir = args.out if args.out is not None else args.root
+        tables = build_report(args.roots, metric=args.metric)
+        out_dir = args.out if args.out is not None else args.roots[0]
         paths = write_report(tables, out_dir)
         if args.wandb:
             log_to_wandb(tables, out_dir)
