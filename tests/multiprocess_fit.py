@@ -64,6 +64,10 @@ def main() -> None:
     loader = accelerator.prepare(make_loader(splits["valid"], 7, shuffle=None))
     labels, _ = predict(model, loader, accelerator)
     report = asdict(result) | {
+        "predictions": {
+            split: [labels_.tolist(), logits.tolist()]
+            for split, (labels_, logits) in result.predictions.items()
+        },
         "num_processes": accelerator.num_processes,
         "process_index": accelerator.process_index,
         "gathered_labels_match": bool(

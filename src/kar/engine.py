@@ -383,6 +383,8 @@ def _fit(
             global_step=global_step,
             description=f"epoch {epoch}/{cfg.max_epochs}",
         )
+        # _train_epoch returns a .item(), so queued device work is done: the time is real.
+        train_seconds = time.perf_counter() - started
         valid_prediction = predict(model, valid_loader, accelerator)
         valid = metrics_fn(*valid_prediction)
         if monitor not in valid:
@@ -390,22 +392,35 @@ def _fit(
                 f"monitor {monitor!r} is not a metric name; metrics are {sorted(valid)}"
             )
         lr = scheduler.get_last_lr()[0]
+        samples_per_s = len(splits["train"]["label"]) / train_seconds
         history.append(
-            {"epoch": epoch, "train_loss": train_loss, "lr": lr}
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "lr": lr,
+                "train_seconds": train_seconds,
+                "train_samples_per_s": samples_per_s,
+            }
             | {f"valid_{key}": value for key, value in valid.items()}
         )
         log.log(
-            {"epoch": epoch, "train/epoch_loss": train_loss, "train/lr": lr}
+            {
+                "epoch": epoch,
+                "train/epoch_loss": train_loss,
+                "train/lr": lr,
+                "train/samples_per_s": samples_per_s,
+            }
             | {f"valid/{key}": value for key, value in valid.items()}
             | {"epoch_seconds": time.perf_counter() - started},
             step=global_step,
         )
         if accelerator.is_local_main_process:
             logger.info(
-                "epoch %d: train loss %.4f, %s",
+                "epoch %d: train loss %.4f, %s, %.0f train samples/s",
                 epoch,
                 train_loss,
                 ", ".join(f"valid {key} {value:.4f}" for key, value in valid.items()),
+                samples_per_s,
             )
 
         if valid[monitor] > best_value:
