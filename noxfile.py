@@ -15,7 +15,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def _install(session: nox.Session) -> None:
-    session.install("-c", "constraints.txt", "-e", ".[dev]")
+    session.install("-c", "constraints.txt", "-e", ".[dev,tune]")
 
 
 def _env() -> dict[str, str]:
