@@ -476,14 +476,16 @@ def _markdown_table(rows: list[ComparisonRow], metrics: Sequence[str]) -> list[s
     return lines
 
 
-def _split_sections(tables: ReportTables, split: str, suffix: Callable[[str], str]) -> list[str]:
+def _split_sections(
+    tables: ReportTables, split: str, suffix: Callable[[str], str], level: str = "###"
+) -> list[str]:
     """One table per (dataset, knowledge) of `split`'s rows; `suffix(dataset)` ends the title."""
     lines: list[str] = []
     sections = sorted({(r.dataset, r.knowledge) for r in tables.rows(split)})
     for dataset, knowledge in sections:
         rows = [r for r in tables.rows(split) if (r.dataset, r.knowledge) == (dataset, knowledge)]
         rows.sort(key=lambda r: (r.backbone, r.adaptor, r.llm))
-        lines += ["", f"### {dataset} · knowledge: {knowledge}{suffix(dataset)}", ""]
+        lines += ["", f"{level} {dataset} · knowledge: {knowledge}{suffix(dataset)}", ""]
         lines += _markdown_table(rows, tables.metrics)
     return lines
 
@@ -520,6 +522,7 @@ def to_markdown(tables: ReportTables) -> str:
                 lambda dataset, split=split: (
                     f" · {tables.slice_samples.get((dataset, split), '?')} samples"
                 ),
+                level="####",
             )
     if tables.notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in tables.notes]
