@@ -16,7 +16,13 @@ import duckdb
 import numpy as np
 import pytest
 
-from kar.knowledge.store import SCHEMA_VERSION, KnowledgeStore, StoreLockedError
+from kar.knowledge.store import (
+    SCHEMA_VERSION,
+    AnswerRecord,
+    FailureRecord,
+    KnowledgeStore,
+    StoreLockedError,
+)
 
 
 def start_child(code: str, *args: str) -> subprocess.Popen[str]:
@@ -59,6 +65,7 @@ def test_answers_roundtrip_and_idempotent(tmp_path: Path) -> None:
         "schema_version": SCHEMA_VERSION,
         "answers": 3,
         "llm_keys": 2,
+        "failures": 0,
         "vectors": 0,
         "encoder_keys": 0,
     }
@@ -242,3 +249,111 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         con.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
     with pytest.raises(ValueError, match="schema version 999"):
         KnowledgeStore(path, read_only=True)
+
+
+def test_answers_keep_their_cost_and_failures_are_kept_until_answered(tmp_path: Path) -> None:
+    path = tmp_path / "store.duckdb"
+    cost = {"prompt_tokens": 12, "completion_tokens": 30, "latency_s": 0.25, "cost_usd": 5e-5}
+    with KnowledgeStore(path) as store:
+        added = store.record(
+            "llm",
+            answers=[
+                AnswerRecord("p1", "a1", **cost, attempts=2, meta={"model": "m-0613"}),
+                AnswerRecord("p1", "second answer of p1 is dropped"),
+                AnswerRecord("p2", "a2"),
+            ],
+            failures=[
+                FailureRecord("p3", "transient", "HTTP 503", attempts=7, status=503),
+                FailureRecord("p3", "rejected", "HTTP 400: too long", attempts=1, status=400),
+                FailureRecord("p2", "rejected", "ignored: p2 is answered", attempts=1),
+            ],
+        )
+        assert added == 2
+        assert store.get_answers("llm", ["p1", "p2"]) == {"p1": "a1", "p2": "a2"}
+        [(p3, failure)] = store.get_failures("llm", ["p1", "p2", "p3", "p4"]).items()
+        assert (p3, failure.error_class, failure.status, failure.attempts) == (
+            "p3",
+            "rejected",
+            400,
+            1,
+        )
+        assert failure.permanent and failure.message == "HTTP 400: too long"
+        assert store.get_failures("other llm", ["p3"]) == {}
+        # An answer at last clears the failure; a new failure of an answered prompt is ignored.
+        assert store.record("llm", answers=[AnswerRecord("p3", "a3", cost_usd=1e-4)]) == 1
+        store.record("llm", failures=[FailureRecord("p1", "fatal", "HTTP 401", attempts=1)])
+        assert store.get_failures("llm", ["p1", "p3"]) == {}
+        assert store.spending("llm") == {
+            "answers": 3,
+            "prompt_tokens": 12,
+            "completion_tokens": 30,
+            "cost_usd": pytest.approx(1.5e-4),
+        }
+        assert store.stats()["failures"] == 0
+    with duckdb.connect(str(path), read_only=True) as con:
+        row = con.execute(
+            "SELECT prompt_tokens, completion_tokens, latency_s, cost_usd, attempts, meta "
+            "FROM answers WHERE prompt = 'p1'"
+        ).fetchone()
+    assert row == (12, 30, 0.25, 5e-5, 2, '{"model": "m-0613"}')
+
+
+def test_failure_classes_are_checked() -> None:
+    with pytest.raises(ValueError, match="error_class"):
+        FailureRecord("p", "flaky", "?", attempts=1)
+    assert not FailureRecord("p", "transient", "HTTP 503", attempts=3).permanent
+
+
+def test_put_answer_fills_cost_columns_from_meta(tmp_path: Path) -> None:
+    with KnowledgeStore(tmp_path / "store.duckdb") as store:
+        store.put_answer("llm", "p", "a", meta={"prompt_tokens": 7, "cost_usd": 0.5, "x": "y"})
+        store.put_answer("llm", "q", "b", meta={"prompt_tokens": "not a number"})
+        assert store.spending("llm")["prompt_tokens"] == 7
+        assert store.spending("llm")["cost_usd"] == 0.5
+
+
+V1_SCHEMA = [
+    "CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
+    "INSERT INTO meta VALUES ('schema_version', '1')",
+    """CREATE TABLE answers (llm_key VARCHAR NOT NULL, prompt_sha256 VARCHAR NOT NULL,
+        prompt VARCHAR NOT NULL, answer VARCHAR NOT NULL, meta VARCHAR,
+        created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+        PRIMARY KEY (llm_key, prompt_sha256))""",
+    """CREATE TABLE vectors (encoder_key VARCHAR NOT NULL, text_sha256 VARCHAR NOT NULL,
+        text VARCHAR NOT NULL, dim INTEGER NOT NULL, vector FLOAT[] NOT NULL,
+        created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+        PRIMARY KEY (encoder_key, text_sha256))""",
+]
+
+
+def test_schema_1_store_is_read_as_is_and_migrated_by_the_first_writer(tmp_path: Path) -> None:
+    path = tmp_path / "v1.duckdb"
+    with duckdb.connect(str(path)) as con:
+        for statement in V1_SCHEMA:
+            con.execute(statement)
+        for prompt, meta in (("p1", '{"prompt_tokens": 11, "latency_s": 0.5}'), ("p2", None)):
+            con.execute(
+                "INSERT INTO answers (llm_key, prompt_sha256, prompt, answer, meta) "
+                "VALUES ('llm', sha256(?), ?, 'answer', ?)",
+                [prompt, prompt, meta],
+            )
+
+    # Parallel jobs open the store read-only: an old schema must not stop them.
+    with KnowledgeStore(path, read_only=True) as store:
+        assert store.schema_version == 1
+        assert store.get_answers("llm", ["p1", "p2"]) == {"p1": "answer", "p2": "answer"}
+        assert store.get_failures("llm", ["p3"]) == {}
+        assert store.stats()["failures"] == 0
+        with pytest.raises(PermissionError):
+            store.require_writable()
+
+    with KnowledgeStore(path) as store:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.get_answers("llm", ["p1", "p2"]) == {"p1": "answer", "p2": "answer"}
+        assert store.spending("llm")["prompt_tokens"] == 11
+        store.record("llm", failures=[FailureRecord("p3", "rejected", "HTTP 400", attempts=1)])
+        assert set(store.get_failures("llm", ["p3"])) == {"p3"}
+    with duckdb.connect(str(path), read_only=True) as con:
+        latency = con.execute("SELECT latency_s FROM answers WHERE prompt = 'p1'").fetchone()
+        version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert latency == (0.5,) and version == ("2",)

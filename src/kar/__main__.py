@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from kar.config import register_schema, validate
+from kar.config import config_dir, register_schema, validate
 from kar.errors import KarError
 
 log = logging.getLogger("kar")
@@ -41,14 +41,6 @@ def _log_to_files_only(err: BaseException) -> None:
             handler.handle(record)
 
 
-def _config_dir() -> str:
-    """`KAR_CONFIG_DIR`, else the repository's top-level ``conf/``."""
-    env = os.environ.get("KAR_CONFIG_DIR")
-    if env:
-        return str(Path(env).resolve())
-    return str(Path(__file__).resolve().parents[2] / "conf")
-
-
 def _destroy_process_group() -> None:
     """Under `accelerate launch`, a gloo/NCCL thread alive at exit would abort the process."""
     import torch.distributed as dist
@@ -68,9 +60,10 @@ register_schema()
 atexit.register(_destroy_process_group)
 
 
-@hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from kar.pipeline import run  # heavy imports after Hydra has parsed the command line
+    # heavy imports after Hydra has parsed the command line
+    from kar.pipeline import Stopped, run
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -89,8 +82,8 @@ def main(cfg: DictConfig) -> float | None:
         # One job's bad input must not stop the other jobs of the sweep (raising would).
         _mark_failed(run_dir, err)
         return None
-    if outcome is None:
-        print(f"kar: stopped after stage={cfg.stage.value} -> {run_dir}")
+    if isinstance(outcome, Stopped):
+        print(outcome.line(run_dir))
         return None
     print(outcome.summary_line)
     return float(outcome.metrics["valid"][cfg.task.monitor])

@@ -10,8 +10,10 @@ registered class's signature (see `kar.registry.schema_for`).
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -120,6 +122,14 @@ USER_TEXTS = ("history+answer", "answer")
 KNOWLEDGE_KINDS = ("both", "user", "item")
 TASKS = ("ctr",)
 MONITORS = ("auc",)  # validation metrics where higher is better (early stopping keeps the max)
+
+
+def config_dir() -> str:
+    """`KAR_CONFIG_DIR`, else the repository's top-level ``conf/``."""
+    env = os.environ.get("KAR_CONFIG_DIR")
+    if env:
+        return str(Path(env).resolve())
+    return str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def validate(cfg: DictConfig) -> DictConfig:

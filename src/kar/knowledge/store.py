@@ -2,7 +2,9 @@
 
 Rows are keyed by who produced them (an LLM key or an encoder key) and the sha256 of the input
 text, so a prompt is never answered twice by the same LLM setup and a text is never encoded
-twice by the same encoder. DuckDB lets one process write a file, or several processes read it;
+twice by the same encoder. Each answer carries what it cost (tokens, latency, USD, attempts);
+prompts an LLM failed on are kept in a `failures` table so that a rerun can report them and
+decide whether to ask again. DuckDB lets one process write a file, or several processes read it;
 opening a file that another process holds waits (with backoff) instead of failing at once.
 """
 
@@ -16,6 +18,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,7 +39,18 @@ from kar.errors import DataError, KarError
 
 log = logging.getLogger("kar.knowledge")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# A read-only store of an older version is read as it is (v2 only added columns and a table);
+# it is migrated the first time a process opens it for writing.
+_OLDEST_READABLE_VERSION = 1
+# Answer columns that schema 2 added, filled from the v1 JSON `meta` where it had them.
+_ANSWER_COST_COLUMNS = {
+    "prompt_tokens": "INTEGER",
+    "completion_tokens": "INTEGER",
+    "latency_s": "DOUBLE",
+    "cost_usd": "DOUBLE",
+    "attempts": "INTEGER",
+}
 
 # Each entry migrates a store from the version before it to its key's version.
 _MIGRATIONS: dict[int, list[str]] = {
@@ -58,6 +72,29 @@ _MIGRATIONS: dict[int, list[str]] = {
             created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
             PRIMARY KEY (encoder_key, text_sha256))""",
     ],
+    2: [
+        *(
+            f"ALTER TABLE answers ADD COLUMN {name} {sql_type}"
+            for name, sql_type in _ANSWER_COST_COLUMNS.items()
+        ),
+        "UPDATE answers SET "
+        + ", ".join(
+            f"{name} = TRY_CAST(json_extract_string(meta, '$.{name}') AS {sql_type})"
+            for name, sql_type in _ANSWER_COST_COLUMNS.items()
+        )
+        + " WHERE meta IS NOT NULL",
+        # The latest failure of each prompt that has no answer yet; an answer deletes it.
+        """CREATE TABLE failures (
+            llm_key VARCHAR NOT NULL,
+            prompt_sha256 VARCHAR NOT NULL,
+            prompt VARCHAR NOT NULL,
+            error_class VARCHAR NOT NULL,  -- rejected | fatal | transient
+            status INTEGER,                -- HTTP status, when there was one
+            message VARCHAR NOT NULL,
+            attempts INTEGER NOT NULL,
+            failed_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (llm_key, prompt_sha256))""",
+    ],
 }
 
 # How DuckDB words damage that is only found when a block is read.
@@ -75,8 +112,69 @@ class StoreReadOnlyError(PermissionError):
     """A write was needed on a store opened read_only: reopen it for writing and try again."""
 
 
+# What a failure means for the next run. `rejected`: the server refused this prompt (HTTP 400,
+# context too long, empty answer) and would again, so later runs skip it unless asked to retry.
+# `fatal`: the setup is wrong for every prompt (bad key, unknown model). `transient`: the server
+# kept failing past all retries. Both of the latter are asked again on the next run.
+FAILURE_CLASSES = ("rejected", "fatal", "transient")
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """One answer and what it cost; the cost fields are None where a source does not know them."""
+
+    prompt: str
+    answer: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_s: float | None = None
+    cost_usd: float | None = None
+    attempts: int | None = None
+    meta: Mapping[str, object] | None = None  # anything else worth keeping (model, finish reason)
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """Why a prompt got no answer (see FAILURE_CLASSES)."""
+
+    prompt: str
+    error_class: str
+    message: str
+    attempts: int
+    status: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.error_class not in FAILURE_CLASSES:
+            raise ValueError(
+                f"error_class must be one of {FAILURE_CLASSES}, got {self.error_class!r}"
+            )
+
+    @property
+    def permanent(self) -> bool:
+        """Whether asking again would fail the same way."""
+        return self.error_class == "rejected"
+
+
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _number(value: object, kind: type[int] | type[float]) -> Any:
+    """`value` as an int or float when it is a number, else None (meta is free-form)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return kind(value)
+
+
+def _chunks(rows: list[tuple[Any, ...]], size: int = 500) -> Iterator[list[tuple[Any, ...]]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _placeholders(rows: list[tuple[Any, ...]]) -> str:
+    """``(?, ?), (?, ?)`` for rows of that many values."""
+    row = "(" + ", ".join("?" * len(rows[0])) + ")"
+    return ", ".join([row] * len(rows))
 
 
 def _is_lock_conflict(err: BaseException) -> bool:
@@ -177,13 +275,17 @@ class KnowledgeStore:
                 f"knowledge store {self.path} has schema version {version}, newer than this "
                 f"kar's {SCHEMA_VERSION}; upgrade kar or use another store path"
             )
+        self.schema_version = version
         if version < SCHEMA_VERSION:
+            if self.read_only and version >= _OLDEST_READABLE_VERSION:
+                return  # read as it is; the first writer migrates it
             if self.read_only:
                 raise DataError(
                     f"knowledge store {self.path} has schema version {version} and needs "
                     f"migrating to {SCHEMA_VERSION}; open it once without read_only to migrate"
                 )
             self._migrate(version)
+            self.schema_version = SCHEMA_VERSION
 
     def _migrate(self, version: int) -> None:
         with self._transaction():
@@ -280,15 +382,135 @@ class KnowledgeStore:
         *,
         meta: Mapping[str, object] | None = None,
     ) -> None:
-        """Store one answer (first answer wins); committed to disk when this returns."""
+        """Store one answer (first answer wins); committed to disk when this returns.
+
+        Cost fields found in `meta` (prompt_tokens, completion_tokens, latency_s, cost_usd,
+        attempts) also fill the answer's cost columns.
+        """
+        known = dict(meta or {})
+        costs = {
+            name: _number(known.get(name), int if sql_type == "INTEGER" else float)
+            for name, sql_type in _ANSWER_COST_COLUMNS.items()
+        }
+        self.record(llm_key, answers=[AnswerRecord(prompt, answer, meta=meta, **costs)])
+
+    def record(
+        self,
+        llm_key: str,
+        *,
+        answers: Sequence[AnswerRecord] = (),
+        failures: Sequence[FailureRecord] = (),
+    ) -> int:
+        """Commit answers and failures of one LLM setup in one transaction; returns new answers.
+
+        An answer clears the prompt's recorded failure; a failure replaces the prompt's earlier
+        one and is ignored where the prompt already has an answer. Committed when this returns,
+        so a process killed right after loses nothing recorded here.
+        """
         self.require_writable()
-        meta_json = None if meta is None else json.dumps(dict(meta), sort_keys=True)
-        with self._lock:
-            self._query(
-                "INSERT INTO answers (llm_key, prompt_sha256, prompt, answer, meta) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [llm_key, text_sha256(prompt), prompt, answer, meta_json],
+        # Parameterised VALUES lists, not registered frames: a generation stage commits a few
+        # rows many times a second, and a frame's fixed cost would dominate.
+        first_answers = {a.prompt: a for a in reversed(answers)}  # the first answer wins
+        last_failures = {f.prompt: f for f in failures if f.prompt not in first_answers}
+        answer_rows = [
+            (
+                llm_key,
+                text_sha256(a.prompt),
+                a.prompt,
+                a.answer,
+                None if a.meta is None else json.dumps(dict(a.meta), sort_keys=True),
+                *(getattr(a, name) for name in _ANSWER_COST_COLUMNS),
             )
+            for a in first_answers.values()
+        ]
+        failure_rows = [
+            (
+                llm_key,
+                text_sha256(f.prompt),
+                f.prompt,
+                f.error_class,
+                f.status,
+                f.message,
+                f.attempts,
+            )
+            for f in last_failures.values()
+        ]
+        if not answer_rows and not failure_rows:
+            return 0
+        columns = ", ".join(_ANSWER_COST_COLUMNS)
+        added = 0
+        with self._lock, self._transaction():
+            for chunk in _chunks(answer_rows):
+                [(n,)] = self._query(
+                    "INSERT INTO answers "
+                    f"(llm_key, prompt_sha256, prompt, answer, meta, {columns}) "
+                    f"VALUES {_placeholders(chunk)} ON CONFLICT DO NOTHING",
+                    [value for row in chunk for value in row],
+                )
+                added += int(n)
+                shas = [row[1] for row in chunk]
+                self._query(
+                    "DELETE FROM failures WHERE llm_key = ? AND prompt_sha256 IN "
+                    f"({', '.join('?' * len(shas))})",
+                    [llm_key, *shas],
+                )
+            for chunk in _chunks(failure_rows):
+                shas = [row[1] for row in chunk]
+                answered = {
+                    sha
+                    for (sha,) in self._query(
+                        "SELECT prompt_sha256 FROM answers WHERE llm_key = ? AND prompt_sha256 "
+                        f"IN ({', '.join('?' * len(shas))})",
+                        [llm_key, *shas],
+                    )
+                }
+                if kept := [row for row in chunk if row[1] not in answered]:
+                    self._query(
+                        "INSERT OR REPLACE INTO failures (llm_key, prompt_sha256, prompt, "
+                        f"error_class, status, message, attempts) VALUES {_placeholders(kept)}",
+                        [value for row in kept for value in row],
+                    )
+        return added
+
+    def get_failures(self, llm_key: str, prompts: Sequence[str]) -> dict[str, FailureRecord]:
+        """prompt -> its recorded failure, for the prompts this LLM setup failed on (no answer)."""
+        if not prompts or self.schema_version < 2:  # an old read-only store records none
+            return {}
+        frame = pd.DataFrame({"sha": [text_sha256(p) for p in prompts]}).drop_duplicates()
+        with self._lock:
+            rows = self._with_frame(
+                frame,
+                lambda view: self._query(
+                    "SELECT x.prompt, x.error_class, x.message, x.attempts, x.status "
+                    f"FROM {view} f JOIN failures x "
+                    "ON x.prompt_sha256 = f.sha AND x.llm_key = ?",
+                    [llm_key],
+                ),
+            )
+        return {
+            prompt: FailureRecord(prompt, error_class, message, int(attempts), status)
+            for prompt, error_class, message, attempts, status in rows
+        }
+
+    def spending(self, llm_key: str) -> dict[str, float]:
+        """What this LLM setup's stored answers cost in total: answers, tokens, USD."""
+        if self.schema_version < 2:
+            with self._lock:
+                [(n,)] = self._query("SELECT count(*) FROM answers WHERE llm_key = ?", [llm_key])
+            return {"answers": n, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+        with self._lock:
+            [(n, prompt_tokens, completion_tokens, cost)] = self._query(
+                "SELECT count(*), coalesce(sum(prompt_tokens), 0), "
+                "coalesce(sum(completion_tokens), 0), coalesce(sum(cost_usd), 0) "
+                "FROM answers WHERE llm_key = ?",
+                [llm_key],
+            )
+        return {
+            "answers": n,
+            "prompt_tokens": int(prompt_tokens),
+            "completion_tokens": int(completion_tokens),
+            "cost_usd": float(cost),
+        }
 
     def put_answers(self, llm_key: str, items: Sequence[tuple[str, str]]) -> int:
         """Store (prompt, answer) pairs in one transaction; returns how many were new.
@@ -380,7 +602,7 @@ class KnowledgeStore:
     # -- overview -----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        """Row and key counts (schema_version, answers, llm_keys, vectors, encoder_keys)."""
+        """Counts: schema_version, answers, llm_keys, failures, vectors, encoder_keys."""
         with self._lock:
             [(answers, llm_keys)] = self._query(
                 "SELECT count(*), count(DISTINCT llm_key) FROM answers"
@@ -388,10 +610,14 @@ class KnowledgeStore:
             [(vectors, encoder_keys)] = self._query(
                 "SELECT count(*), count(DISTINCT encoder_key) FROM vectors"
             )
+            failures = 0
+            if self.schema_version >= 2:  # an old store read as it is has no failures table
+                [(failures,)] = self._query("SELECT count(*) FROM failures")
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.schema_version,
             "answers": answers,
             "llm_keys": llm_keys,
+            "failures": failures,
             "vectors": vectors,
             "encoder_keys": encoder_keys,
         }

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from kar.knowledge.prompts import PromptRequest
 from kar.knowledge.store import KnowledgeStore
+
+if TYPE_CHECKING:
+    from kar.knowledge.llm.generation import GenerationReport
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,12 @@ class LLMProvider(Protocol):
 
     `key` identifies provider, model and generation parameters (never secrets); the store keys
     answers by it, so changing any of them means new answers and an unchanged key means none
-    are generated twice.
+    are generated twice. A provider that generates sets `last_report` in `generate`: what was
+    cached, sent, failed and spent, and whether the stage stopped early (dry run, budget).
     """
 
     key: str
+    last_report: GenerationReport | None = None
 
     def generate(
         self, requests: Sequence[PromptRequest], store: KnowledgeStore

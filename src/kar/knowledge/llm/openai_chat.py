@@ -1,49 +1,71 @@
-"""An OpenAI-compatible chat-completions provider (OpenAI itself, vLLM, llama.cpp, Ollama...).
+"""An OpenAI-compatible chat-completions provider: OpenAI itself, vLLM, Ollama, llama.cpp...
 
-Every answer is committed to the knowledge store the moment it arrives, so an interrupted run
-resumes where it stopped and a finished one never pays for a prompt twice. Transient failures
-(rate limits, server errors, timeouts, lost connections) are retried with exponential backoff,
-honouring the server's Retry-After; a prompt the server rejects is logged and left out. The API
-key is read from the environment at the last moment, only when a prompt needs the server, and
-never appears in the provider's key, in messages or in logs.
+One user message per prompt, sent with bounded concurrency (``llm.concurrency`` requests in
+flight) over one aiohttp connection pool (httpx spends ~20x more CPU per request at 64 in
+flight, encode/httpx#3215, which would cap a fast local server's throughput). Transient failures
+(429, 408, 409, 5xx, timeouts, lost connections, a body that is not a chat completion) are
+retried with exponential backoff and jitter, honouring the server's Retry-After, which also
+pauses the other requests. A prompt the server refuses (400, context too long, an empty answer)
+is recorded as failed and the run goes on; a bad key (401/403) or an unknown model or endpoint
+(404) is recorded and stops the run, as every other prompt would fail the same way. See
+`kar.knowledge.llm.generation` for the stage around it (cache, budget, commits, report).
+
+The API key is read from the environment variable named by ``llm.api_key_env`` only when
+something must be sent, and never appears in the provider's key, messages or logs: server
+messages are scrubbed of it, and 401/403 bodies (which may echo it) are not shown at all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import json
 import logging
 import os
 import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
+import urllib.request
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit
 
-import requests
+import aiohttp
 from tenacity import (
+    AsyncRetrying,
     RetryCallState,
-    Retrying,
-    before_sleep_log,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
-from tqdm.auto import tqdm
 
 from kar.errors import KarError
 from kar.knowledge.llm.base import Knowledge, LLMProvider
+from kar.knowledge.llm.generation import (
+    Completion,
+    GenerationReport,
+    GenerationSettings,
+    Outcome,
+    Pricing,
+    RunControl,
+    Sender,
+    StopGeneration,
+    run_generation,
+)
 from kar.knowledge.prompts import PromptRequest
-from kar.knowledge.store import KnowledgeStore
+from kar.knowledge.store import FailureRecord, KnowledgeStore
 from kar.registry import LLMS, ConfigError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kar.knowledge")
 
 # Worth another try: the server is busy or briefly broken, not the request wrong.
-_TRANSIENT_STATUS = frozenset({408, 409, 429})
+_TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
 # A rejection that would repeat for every prompt (bad key, no such model or endpoint).
 _FATAL_STATUS = frozenset({401, 403, 404})
 _MAX_RETRY_AFTER_S = 300.0
-_EXPONENTIAL_BACKOFF = wait_exponential_jitter(max=60.0)  # 1, 2, 4, ... s plus up to 1 s jitter
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
 
 
 class LLMServerError(KarError, RuntimeError):
@@ -51,13 +73,28 @@ class LLMServerError(KarError, RuntimeError):
 
 
 class _TransientError(Exception):
-    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, reason: str, *, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(reason)
+        self.status = status
         self.retry_after_s = retry_after_s
 
 
 class _RejectedError(Exception):
     """The server refused this one prompt (e.g. HTTP 400: too long, filtered)."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class _FatalError(Exception):
+    """The server refuses this setup (key, model, endpoint): every prompt would fail."""
+
+    def __init__(self, reason: str, status: int) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 def _retry_after_s(headers: Mapping[str, str]) -> float | None:
@@ -67,7 +104,7 @@ def _retry_after_s(headers: Mapping[str, str]) -> float | None:
             return max(float(ms) / 1000.0, 0.0)
         except ValueError:
             pass
-    value = headers.get("Retry-After")
+    value = headers.get("retry-after")
     if value is None:
         return None
     try:
@@ -83,31 +120,39 @@ def _retry_after_s(headers: Mapping[str, str]) -> float | None:
     return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
-def _wait(state: RetryCallState) -> float:
-    """The server's Retry-After when it sent one, else exponential backoff with jitter."""
-    outcome = state.outcome
-    err = outcome.exception() if outcome is not None else None
-    if isinstance(err, _TransientError) and err.retry_after_s is not None:
-        return min(err.retry_after_s, _MAX_RETRY_AFTER_S)
-    return _EXPONENTIAL_BACKOFF(state)
+@dataclass(frozen=True)
+class _Reply:
+    """A server's response, read in full."""
 
+    status: int
+    headers: Mapping[str, str]  # case-insensitive
+    body: bytes
 
-def _server_message(response: requests.Response) -> str:
-    """The error text a server sent, shortened (OpenAI: {"error": {"message": ...}})."""
-    try:
-        body = response.json()
-        message = body["error"]["message"] if isinstance(body.get("error"), dict) else body
-    except (ValueError, AttributeError, KeyError, TypeError):
-        message = response.text
-    return " ".join(str(message).split())[:300]
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def server_message(self) -> str:
+        """The error text the server sent, shortened (OpenAI: {"error": {"message": ...}})."""
+        try:
+            body = self.json()
+            message = body["error"]["message"] if isinstance(body.get("error"), dict) else body
+        except (ValueError, AttributeError, KeyError, TypeError):
+            message = self.text
+        return " ".join(str(message).split())[:300]
 
 
 @LLMS.register("openai")
 class OpenAIChat(LLMProvider):
     """Answers from ``POST {base_url}/chat/completions``, one user message per prompt.
 
-    ``model`` defaults to the paper's gpt-3.5-turbo; it has a default because only keyword
-    arguments with defaults are settable from YAML (see kar.registry).
+    Generation parameters (model, temperature, max_tokens) and the endpoint make up `key`;
+    transport settings (concurrency, timeouts, retries), prices and the budget do not, as they
+    do not change answers. ``model`` defaults to the paper's gpt-3.5-turbo; it has a default
+    because only keyword arguments with defaults are settable from YAML (see kar.registry).
     """
 
     def __init__(
@@ -115,11 +160,20 @@ class OpenAIChat(LLMProvider):
         *,
         model: str = "gpt-3.5-turbo",
         base_url: str = "https://api.openai.com/v1",
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str | None = "OPENAI_API_KEY",
         temperature: float = 0.0,
         max_tokens: int = 512,
+        concurrency: int = 8,
         timeout_s: float = 60.0,
         max_retries: int = 6,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        price_per_1m_input_tokens: float = 0.0,
+        price_per_1m_output_tokens: float = 0.0,
+        expected_output_tokens: int | None = None,
+        max_cost_usd: float | None = None,
+        dry_run: bool = False,
+        retry_failed: bool = False,
     ) -> None:
         if not model:
             raise ConfigError("llm.model is empty; name the chat model, e.g. gpt-3.5-turbo")
@@ -128,14 +182,24 @@ class OpenAIChat(LLMProvider):
                 f"llm.base_url={base_url!r} is not an http(s) URL; use e.g. "
                 "https://api.openai.com/v1 or http://localhost:8000/v1"
             )
-        if not api_key_env:
-            raise ConfigError("llm.api_key_env is empty; name the variable that holds the key")
-        if max_tokens < 1:
-            raise ConfigError(f"llm.max_tokens={max_tokens}; it must be >= 1")
-        if timeout_s <= 0:
-            raise ConfigError(f"llm.timeout_s={timeout_s}; it must be > 0")
-        if max_retries < 0:
-            raise ConfigError(f"llm.max_retries={max_retries}; it must be >= 0")
+        if api_key_env is not None and not api_key_env.strip():
+            raise ConfigError(
+                "llm.api_key_env is empty; name the variable that holds the key, or set it to "
+                "null for a server that needs none"
+            )
+        for name, value, minimum in (
+            ("max_tokens", max_tokens, 1),
+            ("max_retries", max_retries, 0),
+        ):
+            if value < minimum:
+                raise ConfigError(f"llm.{name}={value}; it must be >= {minimum}")
+        for name, value in (
+            ("timeout_s", timeout_s),
+            ("backoff_initial_s", backoff_initial_s),
+            ("backoff_max_s", backoff_max_s),
+        ):
+            if value <= 0:
+                raise ConfigError(f"llm.{name}={value}; it must be > 0")
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.api_key_env = api_key_env
@@ -143,6 +207,18 @@ class OpenAIChat(LLMProvider):
         self.max_tokens = max_tokens
         self.timeout_s = timeout_s
         self.max_retries = max_retries
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.settings = GenerationSettings(
+            pricing=Pricing(price_per_1m_input_tokens, price_per_1m_output_tokens),
+            max_output_tokens=max_tokens,
+            expected_output_tokens=expected_output_tokens,
+            max_cost_usd=max_cost_usd,
+            dry_run=dry_run,
+            retry_failed=retry_failed,
+            concurrency=concurrency,
+        )
+        self.last_report = None
 
     @property
     def key(self) -> str:
@@ -155,142 +231,236 @@ class OpenAIChat(LLMProvider):
     def generate(
         self, requests: Sequence[PromptRequest], store: KnowledgeStore
     ) -> dict[tuple[str, str], Knowledge]:
-        prompts = list(dict.fromkeys(r.prompt for r in requests))
-        answers = store.get_answers(self.key, prompts)
-        missing = [p for p in prompts if p not in answers]
-        log.info(
-            "%s: %d distinct prompts, %d answered in the store, %d to ask",
-            self.key, len(prompts), len(answers), len(missing),
-        )  # fmt: skip
-        if missing:
-            store.require_writable()  # before paying for answers that could not be kept
-            answers.update(self._ask(missing, self._api_key(len(missing)), store))
-        return {
-            (r.kind, r.raw_id): Knowledge(prompt=r.prompt, answer=answers[r.prompt])
-            for r in requests
-            if r.prompt in answers
-        }
+        pricing = self.settings.pricing
+        if pricing == Pricing() and urlsplit(self.base_url).hostname not in _LOCAL_HOSTS:
+            log.warning(
+                "%s: no price set (llm.price_per_1m_input_tokens / _output_tokens): costs are "
+                "shown as $0 and llm.max_cost_usd cannot limit spending",
+                self.key,
+            )
+        self.last_report = GenerationReport(llm_key=self.key)
+        knowledge = run_generation(
+            requests,
+            store,
+            llm_key=self.key,
+            settings=self.settings,
+            open_sender=self._open_sender,
+            label=self.model,
+            report=self.last_report,
+        )
+        return knowledge
 
-    def _api_key(self, n_prompts: int) -> str:
+    def _open_sender(self, n_prompts: int) -> AbstractAsyncContextManager[Sender]:
+        """A connection pool for sending; the key is read now, before anything is sent."""
+        api_key = self._api_key(n_prompts)
+        return _open_chat_sender(self, api_key)
+
+    def _api_key(self, n_prompts: int) -> str | None:
+        if self.api_key_env is None:
+            return None  # a local server that needs no key
         api_key = os.environ.get(self.api_key_env, "").strip()
         if not api_key:
             raise ConfigError(
                 f"{n_prompts} prompts need the LLM but environment variable {self.api_key_env} "
-                f"is not set; export it, point llm.api_key_env at the variable holding your key, "
-                f"or use llm=klg to import knowledge files"
+                f"is not set; export it, point llm.api_key_env at the variable holding your key "
+                f"(null for a server that needs none), or use llm=klg to import knowledge files"
             )
         return api_key
 
-    def _ask(self, prompts: list[str], api_key: str, store: KnowledgeStore) -> dict[str, str]:
-        """Answers of the server for `prompts`, each stored as soon as it arrives."""
-        answers: dict[str, str] = {}
-        failures: Counter[str] = Counter()
-        with requests.Session() as session:
-            session.headers["Authorization"] = f"Bearer {api_key}"
-            with tqdm(prompts, desc=f"LLM {self.model}", unit="prompt") as bar:
-                for prompt in bar:
-                    try:
-                        answer, meta = self._complete(session, prompt)
-                    except _RejectedError as err:
-                        failures[str(err)] += 1
-                        log.warning("%s: prompt %r... rejected: %s", self.key, prompt[:60], err)
-                        bar.set_postfix(failed=sum(failures.values()))
-                        continue
-                    store.put_answer(self.key, prompt, answer, meta=meta)
-                    answers[prompt] = answer
-        n_failed = sum(failures.values())
-        log.info("%s: %d prompts answered, %d rejected", self.key, len(answers), n_failed)
-        if n_failed:
-            reason, count = failures.most_common(1)[0]
-            log.warning(
-                "%s: %d prompts got no answer and are left out (most common: %s, x%d); "
-                "they are asked again on the next run",
-                self.key, n_failed, reason, count,
-            )  # fmt: skip
-        return answers
 
-    def _complete(self, session: requests.Session, prompt: str) -> tuple[str, dict[str, Any]]:
-        """One chat completion, retried while the failure is transient."""
-        retrying = Retrying(
-            retry=retry_if_exception_type(_TransientError),
-            wait=_wait,
-            stop=stop_after_attempt(self.max_retries + 1),
-            before_sleep=before_sleep_log(log, logging.WARNING),
+@asynccontextmanager
+async def _open_chat_sender(provider: OpenAIChat, api_key: str | None) -> AsyncIterator[Sender]:
+    headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+    session = aiohttp.ClientSession(
+        headers=headers,
+        connector=aiohttp.TCPConnector(limit=provider.settings.concurrency),
+        # Bounds the whole exchange: a server that trickles bytes cannot hold a request forever.
+        timeout=aiohttp.ClientTimeout(total=provider.timeout_s),
+        # Not trust_env: it looks up netrc and proxies in a thread on every request (a large
+        # share of the CPU per request); the proxy is resolved once instead (_env_proxy).
+        trust_env=False,
+    )
+    async with session:
+        yield _ChatSender(provider, session, api_key)
+
+
+class _ChatSender:
+    """Sends one prompt per request; retries what is transient (see the module docstring)."""
+
+    def __init__(
+        self, provider: OpenAIChat, session: aiohttp.ClientSession, api_key: str | None
+    ) -> None:
+        self.p = provider
+        self.session = session
+        self._api_key = api_key
+        self._url = f"{provider.base_url}/chat/completions"
+        self._proxy = _env_proxy(self._url)
+        self._resume_at = 0.0  # monotonic time before which no request starts (Retry-After)
+        # initial, 2x, 4x ... up to the cap, plus up to `initial` of jitter so that requests
+        # failing together do not come back together.
+        self._backoff = wait_exponential(
+            multiplier=provider.backoff_initial_s, max=provider.backoff_max_s
+        ) + wait_random(0, provider.backoff_initial_s)
+
+    def _scrub(self, text: str) -> str:
+        """`text` without the API key, should a server or library have echoed it."""
+        return text.replace(self._api_key, "<redacted>") if self._api_key else text
+
+    def _wait(self, state: RetryCallState) -> float:
+        """The server's Retry-After when it sent one, else exponential backoff with jitter."""
+        err = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(err, _TransientError) and err.retry_after_s is not None:
+            return min(err.retry_after_s, _MAX_RETRY_AFTER_S)
+        return self._backoff(state)
+
+    async def send(self, prompts: list[str], run: RunControl) -> list[Outcome]:
+        outcomes = []
+        for prompt in prompts:  # one per request: the stage runs `concurrency` of these at once
+            outcome = await self._ask(prompt, run)
+            if outcome is not None:
+                outcomes.append(outcome)
+        return outcomes
+
+    async def _ask(self, prompt: str, run: RunControl) -> Outcome | None:
+        """The prompt's answer or failure; None when given up because the run is stopping."""
+        attempts = 0
+
+        def should_retry(err: BaseException) -> bool:
+            return isinstance(err, _TransientError) and not run.stopping
+
+        def before_sleep(state: RetryCallState) -> None:
+            err = state.outcome.exception() if state.outcome is not None else None
+            reason = str(err).split(" (")[0] if err is not None else "unknown"
+            run.note_retry(reason)
+            log.debug("%s: retrying %r... after %s", self.p.key, prompt[:40], err)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(should_retry),
+            wait=self._wait,
+            stop=stop_after_attempt(self.p.max_retries + 1),
+            before_sleep=before_sleep,
             reraise=True,
         )
         try:
-            answer, meta = retrying(self._post, session, prompt)
+            async for attempt in retrying:
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    if attempts > 1 and run.stopping:
+                        return None
+                    await self._respect_retry_after()
+                    run.note_request()
+                    return await self._post(prompt, attempts)
         except _TransientError as err:
-            raise LLMServerError(
-                f"the LLM server at {self.base_url} kept failing after "
-                f"{self.max_retries + 1} attempts ({err}). Answers received so far are in the "
-                f"knowledge store and a rerun resumes from there. Check llm.base_url, that the "
-                f"server is up and reachable, and your rate limits (llm.max_retries, "
-                f"llm.timeout_s)"
+            if run.stopping:
+                return None  # left for the next run, like every prompt not sent yet
+            failure = FailureRecord(prompt, "transient", str(err), attempts, err.status)
+            raise StopGeneration(
+                LLMServerError(
+                    f"the LLM server at {self.p.base_url} kept failing after {attempts} "
+                    f"attempts ({err}). Answers received so far are in the knowledge store and "
+                    f"a rerun resumes from there. Check llm.base_url, that the server is up and "
+                    f"reachable, and your rate limits (llm.max_retries, llm.timeout_s, "
+                    f"llm.concurrency)"
+                ),
+                failure,
             ) from None
-        meta["attempts"] = retrying.statistics.get("attempt_number", 1)
-        return answer, meta
+        except _RejectedError as err:
+            return FailureRecord(prompt, "rejected", str(err), attempts, err.status)
+        except _FatalError as err:
+            failure = FailureRecord(prompt, "fatal", str(err), attempts, err.status)
+            raise StopGeneration(LLMServerError(str(err)), failure) from None
+        raise AssertionError("unreachable: tenacity either returns or raises")
 
-    def _post(self, session: requests.Session, prompt: str) -> tuple[str, dict[str, Any]]:
+    async def _respect_retry_after(self) -> None:
+        delay = self._resume_at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _post(self, prompt: str, attempts: int) -> Completion:
+        p = self.p
         payload = {
-            "model": self.model,
+            "model": p.model,
             "messages": [{"role": "user", "content": prompt}],
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
+            "temperature": p.temperature,
+            "max_tokens": p.max_tokens,
         }
         started = time.perf_counter()
         try:
-            response = session.post(
-                f"{self.base_url}/chat/completions", json=payload, timeout=self.timeout_s
-            )
-        except requests.Timeout:
-            raise _TransientError(f"no response within llm.timeout_s={self.timeout_s} s") from None
-        except requests.ConnectionError as err:
-            raise _TransientError(f"cannot connect: {type(err).__name__}") from None
+            async with self.session.post(self._url, json=payload, proxy=self._proxy) as response:
+                reply = _Reply(response.status, response.headers, await response.read())
+        except asyncio.TimeoutError:  # aiohttp's timeouts derive from it
+            raise _TransientError(
+                f"timeout (no response within llm.timeout_s={p.timeout_s} s)"
+            ) from None
+        except aiohttp.ClientError as err:  # refused, reset, closed early, body cut short
+            raise _TransientError(f"connection failed ({type(err).__name__})") from None
         latency_s = time.perf_counter() - started
-        status = response.status_code
+        status = reply.status
         if status in _TRANSIENT_STATUS or status >= 500:
-            raise _TransientError(f"HTTP {status}", _retry_after_s(response.headers))
+            retry_after = _retry_after_s(reply.headers)
+            if retry_after is not None:  # the server's word holds for every request
+                resume_at = time.monotonic() + min(retry_after, _MAX_RETRY_AFTER_S)
+                self._resume_at = max(self._resume_at, resume_at)
+            raise _TransientError(f"HTTP {status}", status=status, retry_after_s=retry_after)
         if status in _FATAL_STATUS:
-            raise self._fatal(response)
+            raise self._fatal(reply)
         if status >= 400:
-            raise _RejectedError(f"HTTP {status}: {_server_message(response)}")
-        return self._parse(response, latency_s)
+            message = self._scrub(reply.server_message())
+            raise _RejectedError(f"HTTP {status}: {message}", status)
+        return self._parse(prompt, reply, latency_s, attempts)
 
-    def _fatal(self, response: requests.Response) -> LLMServerError:
-        status = response.status_code
+    def _fatal(self, reply: _Reply) -> _FatalError:
+        p, status = self.p, reply.status
         if status in (401, 403):
             # The body is not shown: servers echo (part of) the rejected key in it.
-            return LLMServerError(
-                f"the LLM server at {self.base_url} rejected the API key from environment "
-                f"variable {self.api_key_env} (HTTP {status}); export a valid key there or "
-                f"point llm.api_key_env at the variable holding it"
+            return _FatalError(
+                f"the LLM server at {p.base_url} rejected the API key from environment "
+                f"variable {p.api_key_env} (HTTP {status}); export a valid key there or point "
+                f"llm.api_key_env at the variable holding it",
+                status,
             )
-        return LLMServerError(
-            f"the LLM server at {self.base_url} answered HTTP {status} for model "
-            f"{self.model!r} ({_server_message(response)}); check llm.model and llm.base_url "
-            f"(it must end where /chat/completions begins, e.g. .../v1)"
+        return _FatalError(
+            f"the LLM server at {p.base_url} answered HTTP {status} for model {p.model!r} "
+            f"({self._scrub(reply.server_message())}); check llm.model and llm.base_url "
+            f"(it must end where /chat/completions begins, e.g. .../v1)",
+            status,
         )
 
-    def _parse(self, response: requests.Response, latency_s: float) -> tuple[str, dict[str, Any]]:
+    def _parse(self, prompt: str, reply: _Reply, latency_s: float, attempts: int) -> Completion:
         try:
-            body = response.json()
+            body = reply.json()
             choice = body["choices"][0]
             answer = choice["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise _RejectedError(
-                f"HTTP {response.status_code} but not a chat completion: {response.text[:200]!r}"
+            # A proxy or an overloaded server cut the body short: worth another try.
+            raise _TransientError(
+                f"malformed response (HTTP {reply.status}, not a chat completion: "
+                f"{self._scrub(reply.text[:80])!r})",
+                status=reply.status,
             ) from None
         finish_reason = choice.get("finish_reason")
         if not isinstance(answer, str) or not answer.strip():
             raise _RejectedError(f"empty answer (finish_reason={finish_reason})")
-        usage = body.get("usage") or {}
-        meta = {
-            "model": body.get("model", self.model),
-            "finish_reason": finish_reason,
-            "prompt_tokens": usage.get("prompt_tokens"),
-            "completion_tokens": usage.get("completion_tokens"),
-            "total_tokens": usage.get("total_tokens"),
-            "latency_s": round(latency_s, 3),
-        }
-        return answer, meta
+        usage: dict[str, Any] = body.get("usage") or {}
+        return Completion(
+            prompt=prompt,
+            answer=answer,
+            prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
+            completion_tokens=_int_or_none(usage.get("completion_tokens")),
+            latency_s=latency_s,
+            attempts=attempts,
+            meta={"model": body.get("model", self.p.model), "finish_reason": finish_reason},
+        )
+
+
+def _env_proxy(url: str) -> str | None:
+    """The proxy HTTP(S)_PROXY / ALL_PROXY set for `url`, unless NO_PROXY exempts its host."""
+    parts = urlsplit(url)
+    if parts.hostname is None or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all")
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
