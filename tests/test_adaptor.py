@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kar.nn.adaptor import HybridExpertAdaptor, NoAdaptor
+from kar.nn.adaptor import ExpertBank, HybridExpertAdaptor, NoAdaptor
 from kar.registry import ADAPTORS, ConfigError, hyperparameters, schema_for
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -38,7 +38,9 @@ def test_output_is_the_gate_weighted_sum_of_experts() -> None:
     user, item = _vectors()
     out = adaptor(user, item)
     for index, (kind, x) in enumerate((("user", user), ("item", item))):
-        experts = [*adaptor.shared, *adaptor.dedicated[kind]]
+        # Each expert rebuilt as a standalone Linear/ReLU stack from the bank's weights.
+        experts = [adaptor.shared.expert(e) for e in range(2)]
+        experts += [adaptor.dedicated[kind].expert(e) for e in range(3)]
         weights = adaptor.gates(user, item)[kind]  # (B, 5)
         expected = sum(weights[:, e : e + 1] * expert(x) for e, expert in enumerate(experts))
         torch.testing.assert_close(out[:, index], expected)
@@ -49,21 +51,39 @@ def test_shared_experts_are_trained_by_both_types_dedicated_by_one() -> None:
     user, item = _vectors()
     adaptor(user, item)[:, 0].sum().backward()  # loss from the user output only
     grad = {n: p.grad for n, p in adaptor.named_parameters()}
-    assert grad["shared.0.0.weight"].abs().sum() > 0
-    assert grad["dedicated.user.0.0.weight"].abs().sum() > 0
-    assert (
-        grad["dedicated.item.0.0.weight"] is None or grad["dedicated.item.0.0.weight"].eq(0).all()
-    )
+    assert grad["shared.weights.0"].abs().sum() > 0
+    assert grad["dedicated.user.weights.0"].abs().sum() > 0
+    assert grad["dedicated.item.weights.0"] is None or grad["dedicated.item.weights.0"].eq(0).all()
     adaptor.zero_grad()
     adaptor(user, item)[:, 1].sum().backward()  # item output uses the same shared expert
-    assert adaptor.shared[0][0].weight.grad.abs().sum() > 0
+    assert adaptor.shared.weights[0].grad.abs().sum() > 0
 
 
 def test_expert_ends_with_activation_and_dropout() -> None:
     adaptor = HybridExpertAdaptor(M, M, OUT, n_shared=1, n_dedicated=1, dropout=0.5)
-    expert = adaptor.shared[0]
-    assert isinstance(expert[-1], torch.nn.Dropout) and isinstance(expert[-2], torch.nn.ReLU)
-    assert [m.out_features for m in expert if isinstance(m, torch.nn.Linear)] == [128, OUT]
+    assert [w.shape[-1] for w in adaptor.shared.weights] == [128, OUT]
+    bank = ExpertBank(1, M, [OUT], dropout=0.5).train()  # one layer: its dropout is the last
+    x = torch.randn(400, M)
+    out = bank(x)  # (400, 1, OUT)
+    assert (out >= 0).all()  # ReLU after the last layer too
+    # Dropout after the last layer: some outputs zeroed, survivors scaled by 1 / (1 - p).
+    bank.eval()
+    clean = bank(x)
+    kept = out != 0
+    assert (~kept & (clean > 0)).any()
+    torch.testing.assert_close(out[kept], 2 * clean[kept])
+
+
+def test_expert_bank_equals_separate_mlps_also_in_gradients() -> None:
+    bank = ExpertBank(4, M, [16, 8, OUT])
+    x = torch.randn(B, M, requires_grad=True)
+    out = bank(x)  # (B, 4, OUT)
+    assert out.shape == (B, 4, OUT)
+    separate = torch.stack([bank.expert(e)(x) for e in range(4)], dim=1)
+    torch.testing.assert_close(out, separate)
+    (grad_bank,) = torch.autograd.grad(out.square().sum(), x)
+    (grad_separate,) = torch.autograd.grad(separate.square().sum(), x)
+    torch.testing.assert_close(grad_bank, grad_separate)
 
 
 def test_eval_is_deterministic_and_dropout_acts_in_training() -> None:

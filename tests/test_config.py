@@ -153,7 +153,7 @@ def test_every_backbone_and_adaptor_builds_and_predicts(
         assert model.adaptor is None
     else:
         assert isinstance(model.adaptor, HybridExpertAdaptor)
-        assert len(model.adaptor.shared) == cfg.adaptor.n_shared
+        assert model.adaptor.shared.n_experts == cfg.adaptor.n_shared
         assert model.adaptor.out_dim == cfg.backbone.embed_dim
         logits.sum().backward()  # knowledge reaches the logits through the adaptor
         grads = [p.grad for p in model.adaptor.parameters() if p.grad is not None]

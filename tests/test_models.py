@@ -207,6 +207,12 @@ def test_feature_embedding_fields_and_sequence_view() -> None:
     items = batch["hist_items"][row, :2]
     torch.testing.assert_close(fields[row, 5], weight[items].mean(0))
     torch.testing.assert_close(fields[:, 0], weight[batch["item"]])
+    # Genre lists are averaged over their non-padding ids; an empty list gives zeros.
+    genres = embedding.genre.weight
+    for r, ids in enumerate(batch["item_genres"]):
+        ids = ids[ids != 0]
+        want = genres[ids].mean(0) if len(ids) else torch.zeros(D)
+        torch.testing.assert_close(fields[r, 1], want)
     # Values beyond hist_len are ignored even if they are not padding.
     shifted = dict(batch, hist_items=batch["hist_items"].clone())
     shifted["hist_items"][row, 2:] = 1
@@ -247,3 +253,22 @@ def test_builds_from_the_yaml_configs(backbone: str) -> None:
         knowledge=knowledge_tables(),
     )
     assert model(random_batch()).shape == (B,)
+
+
+def test_adaptor_runs_per_distinct_row_with_the_per_sample_result_and_gradients() -> None:
+    model = _model("dcnv2").train()
+    index = torch.tensor([3, 1, 3, 3, 9, 1, 12, 9])  # repeats, rows with and without knowledge
+    per_row = model.augmented("user", index)  # (8, out)
+    vectors = torch.where(
+        model.user_has[index].unsqueeze(1), model.user_vectors[index], model.user_default
+    )
+    per_sample = model.adaptor.transform("user", vectors)  # every sample on its own
+    torch.testing.assert_close(per_row, per_sample)
+    weights = torch.randn_like(per_row)
+    params = [model.user_default, *model.adaptor.parameters()]
+    grads = torch.autograd.grad((weights * per_row).sum(), params, allow_unused=True)
+    expected = torch.autograd.grad((weights * per_sample).sum(), params, allow_unused=True)
+    for got, want in zip(grads, expected, strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want)

@@ -325,6 +325,20 @@ def _intra_op_threads(n_threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where torch has one for the parameters' device.
+
+    The unfused CPU AdamW loops over parameters with several ops each: for the small CTR
+    models here that took about a third of the training step, the fused kernel a quarter of
+    that. The update is the same up to float rounding.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def _fit(
     model: nn.Module,
     splits: Mapping[str, Split],
@@ -345,7 +359,7 @@ def _fit(
     valid_loader = make_loader(splits["valid"], cfg.eval_batch_size, shuffle=None)
     test_loader = make_loader(splits["test"], cfg.eval_batch_size, shuffle=None)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _adamw(model, cfg)
     # accelerate steps a prepared scheduler once per process per optimizer step, so the schedule
     # is counted in whole-dataset batches: per-process steps x processes.
     steps_per_process = math.ceil(len(train_loader) / accelerator.num_processes)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from kar.backbones.base import SequenceInput
-from kar.nn.layers import masked_mean
 
 PROFILE_FIELDS = ("gender", "age", "occupation")
 REQUIRED_SPEC_KEYS = ("item", "genre", "rating")
@@ -74,28 +74,41 @@ class FeatureEmbedding(nn.Module):
         return 2 * self.embed_dim
 
     def _genre_mean(self, genres: Tensor) -> Tensor:
-        return masked_mean(self.genre(genres), genres != 0)  # (..., D)
+        """Mean genre embedding of each genre list (..., G) -> (..., D); zeros for an empty list.
+
+        One embedding_bag over all lists: it skips the padding id inside the reduction, so the
+        (..., G, D) gather and its masked product are never materialised.
+        """
+        flat = genres.reshape(-1, genres.shape[-1])  # (N, G)
+        pooled = F.embedding_bag(flat, self.genre.weight, mode="mean", padding_idx=0)  # (N, D)
+        return pooled.view(*genres.shape[:-1], self.embed_dim)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, SequenceInput]:
         """Return fields (B, F, D) and the sequence view (target (B, 2D), behaviours (B, L, 2D))."""
-        hist_items = batch["hist_items"]  # (B, L)
-        b, length = hist_items.shape
-        positions = torch.arange(length, device=hist_items.device)  # (L,)
+        b, length = batch["hist_items"].shape
+        positions = torch.arange(length, device=batch["hist_items"].device)  # (L,)
         valid = positions.unsqueeze(0) < batch["hist_len"].unsqueeze(1)  # (B, L)
+        # Ids past hist_len become the padding id 0, whose embedding (and genre mean) is the
+        # zero vector: the history means are then plain sums over positions / hist_len, and
+        # masking costs an integer product instead of one over (B, L, D) floats.
+        hist_items = batch["hist_items"] * valid  # (B, L)
+        hist_genres = batch["hist_genres"] * valid.unsqueeze(-1)  # (B, L, G)
+        hist_ratings = batch["hist_ratings"] * valid  # (B, L)
 
         item = self.item(batch["item"])  # (B, D)
         item_genres = self._genre_mean(batch["item_genres"])  # (B, D)
         hist_item_vecs = self.item(hist_items)  # (B, L, D)
-        hist_genre_vecs = self._genre_mean(batch["hist_genres"])  # (B, L, D)
-        hist_rating_vecs = self.rating(batch["hist_ratings"])  # (B, L, D)
+        hist_genre_vecs = self._genre_mean(hist_genres)  # (B, L, D)
+        hist_rating_vecs = self.rating(hist_ratings)  # (B, L, D)
 
+        count = batch["hist_len"].clamp_min(1).unsqueeze(1).to(item.dtype)  # (B, 1)
         fields = [
             item,
             item_genres,
             *(table(batch[name]) for name, table in self.profile.items()),
-            masked_mean(hist_item_vecs, valid),
-            masked_mean(hist_genre_vecs, valid),
-            masked_mean(hist_rating_vecs, valid),
+            hist_item_vecs.sum(dim=1) / count,
+            hist_genre_vecs.sum(dim=1) / count,
+            hist_rating_vecs.sum(dim=1) / count,
         ]
         stacked = torch.stack(fields, dim=1)  # (B, F, D)
         sequence = SequenceInput(
