@@ -1,7 +1,8 @@
 """AutoInt (Song et al., CIKM 2019): stacked multi-head self-attention across fields.
 
 KAR injects knowledge as two extra fields, so they take part in every attention layer.
-With a non-empty `mlp_hidden` a parallel DNN over the fields is added (AutoInt+).
+A parallel DNN over the fields (`mlp_hidden`, AutoInt+) is on by default, as in FuxiCTR;
+`mlp_hidden=[]` gives the plain AutoInt.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class AutoInt(Backbone):
         use_scale: bool = False,
         layer_norm: bool = False,
         attention_dropout: float = 0.0,
-        mlp_hidden: tuple[int, ...] = (),
+        mlp_hidden: tuple[int, ...] = (200, 80),
         activation: str = "relu",
         dropout: float = 0.0,
         batch_norm: bool = False,
