@@ -86,9 +86,14 @@ class KARModel(nn.Module):
         rows, inverse = torch.unique(index, return_inverse=True)  # (U,), (B,)
         vectors: Tensor = getattr(self, f"{kind}_vectors")[rows]  # (U, m)
         has: Tensor = getattr(self, f"{kind}_has")[rows]  # (U,)
-        default: Tensor = getattr(self, f"{kind}_default")  # (m,)
-        looked_up = torch.where(has.unsqueeze(1), vectors, default)  # (U, m)
-        return self.adaptor.transform(kind, looked_up)[inverse]  # (B, out)
+        # The stored vectors need no gradient, so the adaptor runs on them as they are and the
+        # learned default goes through it on its own: no input gradient for the (U, m) rows.
+        out = self.adaptor.transform(kind, vectors)  # (U, out)
+        if not bool(has.all()):
+            default: Tensor = getattr(self, f"{kind}_default")  # (m,)
+            default_out = self.adaptor.transform(kind, default.unsqueeze(0))  # (1, out)
+            out = torch.where(has.unsqueeze(1), out, default_out)
+        return out[inverse]  # (B, out)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         fields, sequence = self.embedding(batch)  # (B, F, D)

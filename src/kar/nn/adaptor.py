@@ -35,9 +35,12 @@ class ExpertBank(nn.Module):
         widths = [in_dim, *hidden]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for fan_in, fan_out in itertools.pairwise(widths):
+        for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
             bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
-            self.weights.append(nn.Parameter(torch.empty(n_experts, fan_in, fan_out)))
+            # The first layer is stored (in, E, out): viewed as (in, E * out) it serves all
+            # experts in one matmul without copying the weight every step.
+            shape = (fan_in, n_experts, fan_out) if layer == 0 else (n_experts, fan_in, fan_out)
+            self.weights.append(nn.Parameter(torch.empty(shape)))
             self.biases.append(nn.Parameter(torch.empty(n_experts, 1, fan_out)))
             nn.init.uniform_(self.weights[-1], -bound, bound)
             nn.init.uniform_(self.biases[-1], -bound, bound)
@@ -50,9 +53,9 @@ class ExpertBank(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(N, in) -> (N, n_experts, out)."""
         first_w, first_b = self.weights[0], self.biases[0]
-        e, fan_in, fan_out = first_w.shape
+        fan_in, e, fan_out = first_w.shape
         # Layer 1 shares its input across experts: one (N, in) @ (in, E * h) matmul.
-        h = x @ first_w.permute(1, 0, 2).reshape(fan_in, e * fan_out)  # (N, E * h)
+        h = x @ first_w.view(fan_in, e * fan_out)  # (N, E * h)
         h = h.view(-1, e, fan_out).transpose(0, 1) + first_b  # (E, N, h)
         h = self.dropout(torch.relu(h))
         for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
@@ -62,10 +65,11 @@ class ExpertBank(nn.Module):
     def expert(self, index: int) -> nn.Sequential:
         """Expert `index` as a standalone nn.Sequential of Linear/ReLU (a copy, for checks)."""
         layers: list[nn.Module] = []
-        for w, b in zip(self.weights, self.biases, strict=True):
-            linear = nn.Linear(w.shape[1], w.shape[2])
+        for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            weight = w[:, index] if layer == 0 else w[index]  # (in, out)
+            linear = nn.Linear(*weight.shape)
             with torch.no_grad():
-                linear.weight.copy_(w[index].T)
+                linear.weight.copy_(weight.T)
                 linear.bias.copy_(b[index, 0])
             layers += [linear, nn.ReLU()]
         return nn.Sequential(*layers)
