@@ -39,10 +39,12 @@ class ExpertBank(nn.Module):
             bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
             # The first layer is stored (in, E, out): viewed as (in, E * out) it serves all
             # experts in one matmul without copying the weight every step.
-            shape = (fan_in, n_experts, fan_out) if layer == 0 else (n_experts, fan_in, fan_out)
-            self.weights.append(nn.Parameter(torch.empty(shape)))
+            # Drawn expert by expert whatever the layout, so a seed gives the same experts.
+            weight = torch.empty(n_experts, fan_in, fan_out).uniform_(-bound, bound)
+            if layer == 0:
+                weight = weight.permute(1, 0, 2).contiguous()
+            self.weights.append(nn.Parameter(weight))
             self.biases.append(nn.Parameter(torch.empty(n_experts, 1, fan_out)))
-            nn.init.uniform_(self.weights[-1], -bound, bound)
             nn.init.uniform_(self.biases[-1], -bound, bound)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
