@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from kar.models import KARModel, KnowledgeTables, build_model
 from kar.nn.embedding import FeatureEmbedding
@@ -272,3 +273,26 @@ def test_adaptor_runs_per_distinct_row_with_the_per_sample_result_and_gradients(
         assert (got is None) == (want is None)
         if got is not None:
             torch.testing.assert_close(got, want)
+
+
+def test_training_with_knowledge_is_bitwise_reproducible_on_two_threads() -> None:
+    """The adaptor's gather of per-row outputs must not accumulate gradients in thread order."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outputs = []
+        for _ in range(2):
+            model = _model("dcnv2")
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            parts = [random_batch(seed=s) for s in range(1200)]  # 8,400 samples
+            batch = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+            batch["user"] = torch.arange(len(batch["label"])) % 4 + 1  # many samples per user
+            for _ in range(5):
+                loss = nn.functional.binary_cross_entropy_with_logits(model(batch), batch["label"])
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            outputs.append(model(batch).detach())
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(outputs[0], outputs[1])

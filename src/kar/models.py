@@ -93,7 +93,10 @@ class KARModel(nn.Module):
             default: Tensor = getattr(self, f"{kind}_default")  # (m,)
             default_out = self.adaptor.transform(kind, default.unsqueeze(0))  # (1, out)
             out = torch.where(has.unsqueeze(1), out, default_out)
-        return out[inverse]  # (B, out)
+        # index_select, not out[inverse]: its backward (index_add) sums the duplicates in a
+        # fixed order, while advanced indexing's backward accumulates them in parallel on CPU,
+        # which made two identical runs differ in the 7th digit.
+        return out.index_select(0, inverse)  # (B, out)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         fields, sequence = self.embedding(batch)  # (B, F, D)
