@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 import kar.models  # noqa: F401  (imports every backbone so that it registers)
 from kar.backbones.base import Backbone, SequenceInput
-from kar.nn.layers import MLP, CrossNetV2, FMInteraction, TargetAttention, masked_mean
+from kar.nn.layers import MLP, CrossNetV2, FMInteraction, TargetAttention
 from kar.registry import BACKBONES, ConfigError, hyperparameters, schema_for
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -113,12 +113,6 @@ def test_cross_net_v2_follows_its_recurrence() -> None:
     x0 = torch.randn(3, 6)
     x1 = x0 * net.layers[0](x0) + x0
     torch.testing.assert_close(net(x0), x0 * net.layers[1](x1) + x1)
-
-
-def test_masked_mean_skips_invalid_positions_and_empty_rows_are_zero() -> None:
-    values = torch.tensor([[[1.0], [3.0], [100.0]], [[5.0], [7.0], [9.0]]])
-    mask = torch.tensor([[True, True, False], [False, False, False]])
-    torch.testing.assert_close(masked_mean(values, mask), torch.tensor([[2.0], [0.0]]))
 
 
 @pytest.mark.parametrize("use_softmax", [False, True])

@@ -219,14 +219,6 @@ def predict(
     return torch.cat(labels).numpy(), torch.cat(logits).numpy()
 
 
-def evaluate(
-    model: nn.Module, loader: DataLoader, accelerator: Accelerator, metrics_fn: MetricsFn
-) -> dict[str, float]:
-    """Metrics of the model on every sample of `loader` (identical on all processes)."""
-    labels, logits = predict(model, loader, accelerator)
-    return metrics_fn(labels, logits)
-
-
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
     return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
 

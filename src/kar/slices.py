@@ -18,8 +18,6 @@ import numpy as np
 
 from kar.data.protocol import CTRData
 
-SLICE_NAMES = ("cold_items", "short_history_users")
-
 
 @dataclass
 class SliceConfig:

@@ -57,23 +57,6 @@ def activation_layer(name: str, num_features: int) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pooling
-# ---------------------------------------------------------------------------------------------
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `values` (..., L, D) over the positions where `mask` (..., L) is true.
-
-    Rows with no valid position give zeros (not NaN), e.g. a user with an empty history.
-    """
-    assert values.shape[:-1] == mask.shape, (values.shape, mask.shape)
-    weights = mask.to(values.dtype).unsqueeze(-1)  # (..., L, 1)
-    total = (values * weights).sum(dim=-2)  # (..., D)
-    count = weights.sum(dim=-2).clamp_min(1.0)  # (..., 1)
-    return total / count
-
-
-# ---------------------------------------------------------------------------------------------
 # MLP
 # ---------------------------------------------------------------------------------------------
 
